@@ -1,0 +1,22 @@
+"""grpo_fast: the fastest, most exact GRPO core. See README.md for the API."""
+
+from .advantages import group_advantages
+from .config import LossConfig
+from .linear import LinearGRPOLoss, linear_grpo_loss, linear_token_logprobs
+from .loss import GRPOLoss, LossOutput, TokenLogprobs, grpo_loss, token_logprobs
+from .reference import rollout_importance_ratio
+
+__all__ = [
+    "GRPOLoss",
+    "LinearGRPOLoss",
+    "linear_grpo_loss",
+    "linear_token_logprobs",
+    "LossConfig",
+    "LossOutput",
+    "TokenLogprobs",
+    "group_advantages",
+    "grpo_loss",
+    "rollout_importance_ratio",
+    "token_logprobs",
+]
+__version__ = "0.1.0"
