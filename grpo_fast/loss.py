@@ -69,7 +69,7 @@ def token_logprobs(
     check_tensor("logits", logits, 3, FLOAT_DTYPES)
     check_tensor("ids", ids, 2)
     check_shape("ids", ids, logits.shape[:2], "logits.shape[:2]")
-    active = _active_mask(mask, ids.shape, "mask", ids.device)
+    active = active_mask(mask, ids.shape, "mask", ids.device)
     check_same_device(logits=logits, ids=ids, mask=mask)
     check_ids("ids", ids, logits.shape[-1], active)
     backend = check_backend(backend, logits.device)
@@ -111,9 +111,11 @@ def grpo_loss(
     Returns:
         LossOutput(loss, metrics, logprobs).
     """
-    config = _check_config(config)
-    b, t = _check_loss_inputs(logits, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio)
-    active = _active_mask(completion_mask, (b, t), "completion_mask", completion_ids.device)
+    config = check_config(config)
+    check_tensor("logits", logits, 3, FLOAT_DTYPES)
+    b, t = logits.shape[:2]
+    check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio, "logits")
+    active = active_mask(completion_mask, (b, t), "completion_mask", completion_ids.device)
     check_same_device(
         logits=logits,
         completion_ids=completion_ids,
@@ -124,7 +126,7 @@ def grpo_loss(
         importance_ratio=importance_ratio,
     )
     check_ids("completion_ids", completion_ids, logits.shape[-1], active)
-    _check_config_inputs(config, ref_logprobs, num_items_in_batch)
+    check_config_inputs(config, ref_logprobs, num_items_in_batch)
     backend = check_backend(backend, logits.device)
     ids = completion_ids.long()
     if backend == "reference":
@@ -154,15 +156,23 @@ class GRPOLoss(nn.Module):
 
     def __init__(self, config: LossConfig | None = None, backend: str = "auto"):
         super().__init__()
-        self.config = _check_config(config)
+        self.config = check_config(config)
         self.backend = backend
 
-    def forward(self, logits, completion_ids, advantages, completion_mask=None, old_logprobs=None,
-                ref_logprobs=None, **kwargs) -> LossOutput:  # fmt: skip
+    def forward(
+        self, logits, completion_ids, advantages, completion_mask=None, old_logprobs=None, ref_logprobs=None, **kwargs
+    ) -> LossOutput:
         return grpo_loss(
-            logits, completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs,
-            config=self.config, backend=kwargs.pop("backend", self.backend), **kwargs,
-        )  # fmt: skip
+            logits,
+            completion_ids,
+            advantages,
+            completion_mask,
+            old_logprobs,
+            ref_logprobs,
+            config=self.config,
+            backend=kwargs.pop("backend", self.backend),
+            **kwargs,
+        )
 
 
 def _stats(logits, ids, active, temperature, with_entropy, backend, inplace_backward=False):
@@ -192,7 +202,7 @@ def _maybe_float(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.float()
 
 
-def _active_mask(mask, shape, name: str, device) -> torch.Tensor:
+def active_mask(mask, shape, name: str, device) -> torch.Tensor:
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     check_tensor(name, mask, 2)
@@ -202,7 +212,7 @@ def _active_mask(mask, shape, name: str, device) -> torch.Tensor:
     return mask != 0
 
 
-def _check_config(config) -> LossConfig:
+def check_config(config) -> LossConfig:
     if config is None:
         return LossConfig()
     if not isinstance(config, LossConfig):
@@ -210,11 +220,10 @@ def _check_config(config) -> LossConfig:
     return config
 
 
-def _check_loss_inputs(logits, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio):
-    check_tensor("logits", logits, 3, FLOAT_DTYPES)
-    b, t = logits.shape[:2]
+def check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio, source):
+    """Shapes and dtypes of the (B, T)-sized arguments; ``source`` names the tensor that fixed B and T."""
     check_tensor("completion_ids", completion_ids, 2)
-    check_shape("completion_ids", completion_ids, (b, t), "logits.shape[:2]")
+    check_shape("completion_ids", completion_ids, (b, t), f"{source}.shape[:2]")
     check_tensor("advantages", advantages, (1, 2), FLOAT_DTYPES)
     if advantages.shape not in ((b,), (b, t)):
         raise ValueError(f"advantages must have shape ({b},) or ({b}, {t}), got {tuple(advantages.shape)}")
@@ -225,11 +234,13 @@ def _check_loss_inputs(logits, completion_ids, advantages, old_logprobs, ref_log
     if importance_ratio is not None:
         check_tensor("importance_ratio", importance_ratio, 2, FLOAT_DTYPES)
         if importance_ratio.shape not in ((b, t), (b, 1)):
-            raise ValueError(f"importance_ratio must have shape ({b}, {t}) or ({b}, 1), got {tuple(importance_ratio.shape)}")
+            raise ValueError(
+                f"importance_ratio must have shape ({b}, {t}) or ({b}, 1), got {tuple(importance_ratio.shape)}"
+            )
     return b, t
 
 
-def _check_config_inputs(config: LossConfig, ref_logprobs, num_items_in_batch) -> None:
+def check_config_inputs(config: LossConfig, ref_logprobs, num_items_in_batch) -> None:
     if config.beta != 0.0 and ref_logprobs is None:
         raise ValueError(f"config.beta = {config.beta} > 0 needs ref_logprobs (B, T), got None")
     if num_items_in_batch is not None:
