@@ -25,6 +25,7 @@ from .validation import (
     check_same_device,
     check_shape,
     check_tensor,
+    data_checks_enabled,
 )
 
 
@@ -207,7 +208,7 @@ def active_mask(mask, shape, name: str, device) -> torch.Tensor:
         return torch.ones(shape, dtype=torch.bool, device=device)
     check_tensor(name, mask, 2)
     check_shape(name, mask, shape, "(B, T) like the ids")
-    if mask.dtype.is_floating_point and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.dtype.is_floating_point and data_checks_enabled() and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1, got other values")
     return mask != 0
 
@@ -243,7 +244,7 @@ def check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logpro
 def check_config_inputs(config: LossConfig, ref_logprobs, num_items_in_batch) -> None:
     if config.beta != 0.0 and ref_logprobs is None:
         raise ValueError(f"config.beta = {config.beta} > 0 needs ref_logprobs (B, T), got None")
-    if num_items_in_batch is not None:
+    if num_items_in_batch is not None and data_checks_enabled():
         n = float(num_items_in_batch)
         if not n >= 0:
             raise ValueError(f"num_items_in_batch must be >= 0, got {n}")
