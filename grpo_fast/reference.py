@@ -40,9 +40,10 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """Shannon entropy H = -sum_v p_v log p_v of softmax(logits / temperature), per row, in nats."""
     z = logits.to(_work_dtype(logits)) / temperature  # (..., V)
     logp = torch.log_softmax(z, dim=-1)
-    # p * logp is 0 * -inf = NaN where a logit is -inf; such entries contribute 0 to the entropy.
-    plogp = torch.where(logp.isneginf(), torch.zeros_like(logp), logp.exp() * logp)
-    return -plogp.sum(-1)
+    # p * logp is 0 * -inf = NaN where a logit is -inf; such entries contribute 0 to the entropy. The
+    # where() goes on the factor, not the product, so the gradient is not 0 * inf = NaN there either.
+    finite_logp = torch.where(logp.isneginf(), torch.zeros_like(logp), logp)
+    return -(logp.exp() * finite_logp).sum(-1)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:

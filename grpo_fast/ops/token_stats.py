@@ -15,25 +15,37 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk so that one chunk's float32 temporaries stay ~16 MB: small enough to be cheap in
-# memory (O(chunk x V), never O(N x V)), large enough that per-chunk Python overhead is negligible.
-_CHUNK_ELEMENTS = 1 << 22
+# Rows per block so that one block of float32 stays ~1 MB and every pass over it hits the L2 cache.
+# Measured on this 2-core EPYC at V=151936: one-row blocks run the forward 2-3x faster than 64-row
+# blocks (0.21 s vs 0.44 s for 1024 rows), and per-op overhead stays small at ~15 ops per block.
+_BLOCK_ELEMENTS = 1 << 18
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+def _block_rows(vocab: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(vocab, 1))
 
 
-def _active_rows(active: torch.Tensor, t: int):
-    """Indices (b, t) of the active rows of a (B, T) mask, in chunks-ready 1-D form."""
-    flat = active.reshape(-1).nonzero().squeeze(1)  # (M,)
-    return flat // t, flat % t
+def _row_blocks(active: torch.Tensor, rows: int):
+    """Yield (b, t0, t1): runs of consecutive active rows of sequence b, at most ``rows`` long.
+
+    Runs of one sequence are slices of the (B, T, V) logits, whatever its strides: no gather copy.
+    """
+    act = active.cpu()
+    padded = torch.nn.functional.pad(act, (1, 1))  # (B, T + 2), False at both ends
+    starts = (act & ~padded[:, :-2]).nonzero().tolist()  # first row of each run, row-major order
+    ends = (act & ~padded[:, 2:]).nonzero().tolist()  # last row of each run, same order
+    for (b, t0), (_, last) in zip(starts, ends, strict=True):
+        t1 = last + 1
+        for s in range(t0, t1, rows):
+            yield b, s, min(s + rows, t1)
 
 
-def _entropy_terms(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """sum_v p_v z_v per row, with 0 (not NaN) for -inf entries of z."""
-    p = torch.exp(z - lse.unsqueeze(-1))
-    return torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
+def _scaled_block(block: torch.Tensor, inv_tau: float, buf: torch.Tensor) -> torch.Tensor:
+    """The block as float32 logits / tau: the block itself when it is already that, else a copy in buf."""
+    if block.dtype == torch.float32 and inv_tau == 1.0:
+        return block
+    z = buf[: block.shape[0]]
+    return torch.mul(block, inv_tau, out=z) if block.dtype == torch.float32 else z.copy_(block).mul_(inv_tau)
 
 
 def _forward_torch(logits, ids, active, inv_tau: float, with_entropy: bool):
@@ -41,38 +53,56 @@ def _forward_torch(logits, ids, active, inv_tau: float, with_entropy: bool):
     logp = logits.new_zeros((b, t), dtype=torch.float32)
     entropy = torch.zeros_like(logp)
     lse = torch.zeros_like(logp)
-    rows_b, rows_t = _active_rows(active, t)
-    step = _chunk_rows(v)
-    for start in range(0, rows_b.numel(), step):
-        ib, it = rows_b[start : start + step], rows_t[start : start + step]
-        z = logits[ib, it].float().mul_(inv_tau)  # (M, V) float32
-        row_lse = torch.logsumexp(z, dim=-1)  # (M,)
-        lse[ib, it] = row_lse
-        logp[ib, it] = z.gather(-1, ids[ib, it].unsqueeze(-1)).squeeze(-1) - row_lse
+    rows = _block_rows(v)
+    z_buf = logits.new_empty((rows, v), dtype=torch.float32)
+    p_buf = torch.empty_like(z_buf)
+    for i, t0, t1 in _row_blocks(active, rows):
+        z = _scaled_block(logits[i, t0:t1], inv_tau, z_buf)  # (M, V) float32 logits / tau
+        m = z.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row: no NaN from -inf - -inf
+        p = torch.sub(z, m, out=p_buf[: t1 - t0]).exp_()  # unnormalised probabilities
+        s = p.sum(-1, keepdim=True)
+        row_lse = (m + s.log()).view(-1)
+        lse[i, t0:t1] = row_lse
+        logp[i, t0:t1] = z.gather(-1, ids[i, t0:t1].unsqueeze(-1)).view(-1) - row_lse
         if with_entropy:
-            entropy[ib, it] = row_lse - _entropy_terms(z, row_lse)
+            entropy[i, t0:t1] = row_lse - _expected_logit(p, z) / s.view(-1)
     return logp, entropy, lse
 
 
+def _expected_logit(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v z_v per row with no (M, V) temporary; -inf logits (p = 0) contribute 0, not NaN."""
+    pz = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    if torch.isnan(pz).any():
+        pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
+    return pz
+
+
 def _backward_torch(logits, ids, active, lse, entropy, grad_logp, grad_entropy, inv_tau: float, out):
-    b, t, v = logits.shape
     if not bool(active.all()):
         out[~active] = 0
-    rows_b, rows_t = _active_rows(active, t)
-    step = _chunk_rows(v)
-    for start in range(0, rows_b.numel(), step):
-        ib, it = rows_b[start : start + step], rows_t[start : start + step]
-        z = logits[ib, it].float().mul_(inv_tau)  # (M, V)
-        log_p = z.sub_(lse[ib, it].unsqueeze(-1))  # log p_v, in place of z
-        p = torch.exp(log_p)
-        gl = grad_logp[ib, it].unsqueeze(-1)  # (M, 1)
-        grad = p * (-gl)
-        if grad_entropy is not None:
-            h = entropy[ib, it].unsqueeze(-1)
-            ent = torch.where(p > 0, p * (log_p + h), torch.zeros_like(p))
-            grad.sub_(ent.mul_(grad_entropy[ib, it].unsqueeze(-1)))
-        grad.scatter_add_(-1, ids[ib, it].unsqueeze(-1), gl)
-        out[ib, it] = grad.mul_(inv_tau).to(out.dtype)
+    rows = _block_rows(logits.shape[-1])
+    z_buf = logits.new_empty((rows, logits.shape[-1]), dtype=torch.float32)
+    g_buf = torch.empty_like(z_buf)
+    for i, t0, t1 in _row_blocks(active, rows):
+        z = _scaled_block(logits[i, t0:t1], inv_tau, z_buf)
+        gl = grad_logp[i, t0:t1].unsqueeze(-1)  # (M, 1)
+        target = out[i, t0:t1]
+        g = target if target.dtype == torch.float32 else g_buf[: t1 - t0]
+        log_p = torch.sub(z, lse[i, t0:t1].unsqueeze(-1), out=z_buf[: t1 - t0])  # z is consumed here
+        if grad_entropy is None:
+            torch.exp(log_p, out=g).mul_(-gl)
+        else:
+            ge = grad_entropy[i, t0:t1].unsqueeze(-1)
+            torch.exp(log_p, out=g)
+            # -p (gl + ge (log p + H)); p = 0 entries (logit -inf) contribute 0, not 0 * -inf
+            coef = log_p.add_(entropy[i, t0:t1].unsqueeze(-1)).mul_(ge).add_(gl)
+            g.mul_(torch.where(g > 0, coef, torch.zeros_like(coef)).neg_())
+        g.scatter_add_(-1, ids[i, t0:t1].unsqueeze(-1), gl)
+        if inv_tau != 1.0:
+            g.mul_(inv_tau)
+        if g is not target:
+            target.copy_(g)
     return out
 
 
@@ -120,6 +150,8 @@ def _(logits, ids, active, lse, entropy, grad_logp, grad_entropy, inv_tau, use_t
 
 def _backward(logits, ids, active, lse, entropy, grad_logp, grad_entropy, inv_tau, use_triton, out):
     grad_logp = grad_logp.float().contiguous()
+    if grad_entropy is not None and not bool(grad_entropy.any()):
+        grad_entropy = None  # autograd materialises zeros for an entropy used only as a metric: skip its term
     if grad_entropy is not None:
         grad_entropy = grad_entropy.float().contiguous()
     if use_triton:
