@@ -20,6 +20,7 @@ from .loss import (
     check_config_inputs,
     check_loss_inputs,
     token_logprobs,
+    usable_ids,
 )
 from .ops import linear_loss as ops
 from .validation import FLOAT_DTYPES, check_float, check_ids, check_same_device, check_shape, check_tensor
@@ -75,7 +76,7 @@ def linear_grpo_loss(
     check_ids("completion_ids", completion_ids, weight.shape[0], active)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     backend = _check_linear_backend(backend)
-    ids = completion_ids.long()
+    ids = usable_ids(completion_ids, active)
     if backend == "reference":
         logits = _reference_logits(hidden2d, weight, bias).view(b, t, -1)  # (B, T, V)
         mask = active.to(logits.dtype)
@@ -131,6 +132,7 @@ def linear_token_logprobs(
     check_same_device(hidden=hidden, weight=weight, bias=bias, ids=ids, mask=mask)
     check_ids("ids", ids, weight.shape[0], active)
     backend = _check_linear_backend(backend)
+    ids = usable_ids(ids, active)
     with torch.no_grad():
         if backend == "reference":
             logits = _reference_logits(hidden2d, weight, bias).view(b, t, -1)
@@ -138,7 +140,7 @@ def linear_token_logprobs(
         rows = active.reshape(-1).nonzero().squeeze(1)
         chunk = _chunk(chunk_size, weight.shape[0])
         lp, ent = ops.forward_stats(
-            hidden2d, weight, bias, ids.reshape(-1).long(), rows, 1.0 / temperature, chunk, return_entropy
+            hidden2d, weight, bias, ids.reshape(-1), rows, 1.0 / temperature, chunk, return_entropy
         )
         logp = hidden2d.new_zeros(b * t, dtype=torch.float32).index_put_((rows,), lp).view(b, t)
         entropy = None

@@ -74,7 +74,8 @@ def token_logprobs(
     check_same_device(logits=logits, ids=ids, mask=mask)
     check_ids("ids", ids, logits.shape[-1], active)
     backend = check_backend(backend, logits.device)
-    logp, entropy = _stats(logits, ids.long(), active, temperature, return_entropy, backend)
+    ids = usable_ids(ids, active)
+    logp, entropy = _stats(logits, ids, active, temperature, return_entropy, backend)
     return TokenLogprobs(logp, entropy if return_entropy else None)
 
 
@@ -129,7 +130,7 @@ def grpo_loss(
     check_ids("completion_ids", completion_ids, logits.shape[-1], active)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     backend = check_backend(backend, logits.device)
-    ids = completion_ids.long()
+    ids = usable_ids(completion_ids, active)
     if backend == "reference":
         mask = active.to(_float_for(logits))
         loss, metrics, logp = reference.grpo_loss(
@@ -208,9 +209,14 @@ def active_mask(mask, shape, name: str, device) -> torch.Tensor:
         return torch.ones(shape, dtype=torch.bool, device=device)
     check_tensor(name, mask, 2)
     check_shape(name, mask, shape, "(B, T) like the ids")
-    if mask.dtype.is_floating_point and data_checks_enabled() and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.dtype != torch.bool and data_checks_enabled() and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1, got other values")
     return mask != 0
+
+
+def usable_ids(ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """int64 ids with 0 at masked positions, where callers may leave padding such as -100."""
+    return ids.long().masked_fill(~active, 0)
 
 
 def check_config(config) -> LossConfig:

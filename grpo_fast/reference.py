@@ -90,7 +90,8 @@ def policy_loss(coef_1: torch.Tensor, advantages: torch.Tensor, logp: torch.Tens
     if config.loss_type == "cispo":
         return -torch.clamp(coef_1, max=config.eps_high).detach() * advantages * logp, coef_1
     if config.loss_type == "sapo":
-        tau = torch.where(advantages > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
+        pos, neg = (advantages.new_tensor(x) for x in (config.sapo_temperature_pos, config.sapo_temperature_neg))
+        tau = torch.where(advantages > 0, pos, neg)  # in the advantages' dtype (float64 stays exact)
         return -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * advantages, coef_1
     coef_2 = torch.clamp(coef_1, 1 - config.epsilon, 1 + config.eps_high)
     if config.delta is not None:
@@ -190,6 +191,8 @@ def grpo_objective(
         metrics["entropy"] = mean_entropy
     if config.loss_type in PPO_CLIP_LOSS_TYPES:
         metrics.update(clip_metrics(clip_coef, advantages, mask, config))
+    elif config.loss_type == "cispo":  # TRL's name: share of A > 0 tokens whose ratio hit the cap
+        metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > config.eps_high) & (advantages > 0)).to(mask.dtype), mask)
     return loss, {k: v.detach().float() for k, v in metrics.items()}
 
 
@@ -303,6 +306,10 @@ def rollout_importance_ratio(
     mode "truncate" clamps rho to [min_ratio, max_ratio]; "mask" sets rho to 0 outside that range.
     The per-token loss is multiplied by rho (before beta * KL is added), detached.
     """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    if mode not in ("truncate", "mask"):
+        raise ValueError(f"mode must be 'truncate' or 'mask', got {mode!r}")
     log_rho = (old_logprobs - sampling_logprobs) * mask
     if level == "sequence":
         log_rho = log_rho.sum(-1, keepdim=True)

@@ -19,9 +19,9 @@ def test_opcheck_token_stats_forward_and_backward():
     logits, ids, active = _inputs()
     logits.requires_grad_()
     torch.library.opcheck(ts._token_stats_op, (logits, ids, active, 1.25, True, False))
-    lse = torch.randn(2, 5)
+    norm = torch.stack([torch.randn(2, 5), torch.rand(2, 5)], dim=-1)  # (row max, log-normaliser)
     ent = torch.rand(2, 5)
-    args = (logits.detach(), ids, active, lse, ent, torch.randn(2, 5), torch.randn(2, 5), 1.25, False)
+    args = (logits.detach(), ids, active, norm, ent, torch.randn(2, 5), torch.randn(2, 5), 1.25, False)
     torch.library.opcheck(ts._token_stats_backward_op, args)
 
 

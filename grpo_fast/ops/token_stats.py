@@ -1,7 +1,7 @@
 """Per-token log-prob and entropy from logits, differentiable, at the minimum memory traffic.
 
-Forward reads the logits once (one streaming pass per token row: log-sum-exp, target logit,
-entropy); backward reads them once more and writes the gradient once:
+Forward reads the logits once (one streaming pass per token row: row max and log-normaliser,
+target logit, entropy); backward reads them once more and writes the gradient once:
     dz_v = (1 / tau) * (g_logp * (1[v = id] - p_v) - g_H * p_v * (log p_v + H)).
 So forward + backward = 2 reads + 1 write of the N x V logits, whatever loss is built on the
 (B, T) outputs. Rows whose ``active`` flag is False do no vocabulary pass at all.
@@ -40,34 +40,37 @@ def _row_blocks(active: torch.Tensor, rows: int):
             yield b, s, min(s + rows, t1)
 
 
-def _scaled_block(block: torch.Tensor, inv_tau: float, buf: torch.Tensor) -> torch.Tensor:
-    """The block as float32 logits / tau: the block itself when it is already that, else a copy in buf."""
-    if block.dtype == torch.float32 and inv_tau == 1.0:
-        return block
-    z = buf[: block.shape[0]]
-    return torch.mul(block, inv_tau, out=z) if block.dtype == torch.float32 else z.copy_(block).mul_(inv_tau)
+def _shifted_block(block: torch.Tensor, shift: torch.Tensor, inv_tau: float, out: torch.Tensor) -> torch.Tensor:
+    """(block - shift) / tau in float32, into out. Shifting by the row max before scaling keeps every
+    exponent exact near the max even at |z| ~ 1e4, where z / tau alone would round by |z| * 2**-24."""
+    torch.sub(block, shift, out=out) if block.dtype == torch.float32 else out.copy_(block).sub_(shift)
+    return out.div_(1.0 / inv_tau) if inv_tau != 1.0 else out  # a division rounds as plain torch's z / tau
 
 
 def _forward_torch(logits, ids, active, inv_tau: float, with_entropy: bool):
+    """Returns (logp, entropy, norm): norm[..., 0] = m, the raw row max, and norm[..., 1] = log s,
+    so that log p_v = (z_v - m) / tau - log s with no large cancelling terms (lse = m / tau + log s)."""
     b, t, v = logits.shape
     logp = logits.new_zeros((b, t), dtype=torch.float32)
     entropy = torch.zeros_like(logp)
-    lse = torch.zeros_like(logp)
+    norm = logits.new_zeros((b, t, 2), dtype=torch.float32)
     rows = _block_rows(v)
-    z_buf = logits.new_empty((rows, v), dtype=torch.float32)
-    p_buf = torch.empty_like(z_buf)
+    x_buf = logits.new_empty((rows, v), dtype=torch.float32)
+    p_buf = torch.empty_like(x_buf)
     for i, t0, t1 in _row_blocks(active, rows):
-        z = _scaled_block(logits[i, t0:t1], inv_tau, z_buf)  # (M, V) float32 logits / tau
-        m = z.amax(dim=-1, keepdim=True)
+        block = logits[i, t0:t1]  # (M, V), a slice: no copy
+        m = block.amax(dim=-1, keepdim=True).float()
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row: no NaN from -inf - -inf
-        p = torch.sub(z, m, out=p_buf[: t1 - t0]).exp_()  # unnormalised probabilities
+        x = _shifted_block(block, m, inv_tau, x_buf[: t1 - t0])  # (z - m) / tau <= 0
+        p = torch.exp(x, out=p_buf[: t1 - t0])  # unnormalised probabilities
         s = p.sum(-1, keepdim=True)
-        row_lse = (m + s.log()).view(-1)
-        lse[i, t0:t1] = row_lse
-        logp[i, t0:t1] = z.gather(-1, ids[i, t0:t1].unsqueeze(-1)).view(-1) - row_lse
+        log_s = s.log().view(-1)
+        norm[i, t0:t1, 0] = m.view(-1)
+        norm[i, t0:t1, 1] = log_s
+        logp[i, t0:t1] = x.gather(-1, ids[i, t0:t1].unsqueeze(-1)).view(-1) - log_s
         if with_entropy:
-            entropy[i, t0:t1] = row_lse - _expected_logit(p, z) / s.view(-1)
-    return logp, entropy, lse
+            entropy[i, t0:t1] = log_s - _expected_logit(p, x) / s.view(-1)
+    return logp, entropy, norm
 
 
 def _expected_logit(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -78,23 +81,23 @@ def _expected_logit(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return pz
 
 
-def _backward_torch(logits, ids, active, lse, entropy, grad_logp, grad_entropy, inv_tau: float, out):
+def _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau: float, out):
     if not bool(active.all()):
         out[~active] = 0
     rows = _block_rows(logits.shape[-1])
-    z_buf = logits.new_empty((rows, logits.shape[-1]), dtype=torch.float32)
-    g_buf = torch.empty_like(z_buf)
+    x_buf = logits.new_empty((rows, logits.shape[-1]), dtype=torch.float32)
+    g_buf = torch.empty_like(x_buf)
     for i, t0, t1 in _row_blocks(active, rows):
-        z = _scaled_block(logits[i, t0:t1], inv_tau, z_buf)
+        m, log_s = norm[i, t0:t1, 0:1], norm[i, t0:t1, 1:2]  # (M, 1) each
+        log_p = _shifted_block(logits[i, t0:t1], m, inv_tau, x_buf[: t1 - t0]).sub_(log_s)
         gl = grad_logp[i, t0:t1].unsqueeze(-1)  # (M, 1)
-        target = out[i, t0:t1]
+        target = out[i, t0:t1]  # may be the logits block itself (in place): log_p was read out first
         g = target if target.dtype == torch.float32 else g_buf[: t1 - t0]
-        log_p = torch.sub(z, lse[i, t0:t1].unsqueeze(-1), out=z_buf[: t1 - t0])  # z is consumed here
+        torch.exp(log_p, out=g)  # p
         if grad_entropy is None:
-            torch.exp(log_p, out=g).mul_(-gl)
+            g.mul_(-gl)
         else:
             ge = grad_entropy[i, t0:t1].unsqueeze(-1)
-            torch.exp(log_p, out=g)
             # -p (gl + ge (log p + H)); p = 0 entries (logit -inf) contribute 0, not 0 * -inf
             coef = log_p.add_(entropy[i, t0:t1].unsqueeze(-1)).mul_(ge).add_(gl)
             g.mul_(torch.where(g > 0, coef, torch.zeros_like(coef)).neg_())
@@ -117,14 +120,16 @@ def _token_stats_op(
     logits: torch.Tensor, ids: torch.Tensor, active: torch.Tensor, inv_tau: float, with_entropy: bool, use_triton: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton:
-        return _triton().token_stats_forward(logits, ids, active, 1.0 / inv_tau, with_entropy)
+        logp, entropy, lse = _triton().token_stats_forward(logits, ids, active, 1.0 / inv_tau, with_entropy)
+        return logp, entropy, torch.stack([torch.zeros_like(lse), lse], dim=-1)  # m = 0, log s = lse
     return _forward_torch(logits, ids, active, inv_tau, with_entropy)
 
 
 @_token_stats_op.register_fake
 def _(logits, ids, active, inv_tau, with_entropy, use_triton):
     shape = logits.shape[:-1]
-    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(3))
+    f32 = {"dtype": torch.float32}
+    return logits.new_empty(shape, **f32), logits.new_empty(shape, **f32), logits.new_empty((*shape, 2), **f32)
 
 
 @torch.library.custom_op("grpo_fast::token_stats_backward", mutates_args=())
@@ -132,7 +137,7 @@ def _token_stats_backward_op(
     logits: torch.Tensor,
     ids: torch.Tensor,
     active: torch.Tensor,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     entropy: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor | None,
@@ -140,42 +145,43 @@ def _token_stats_backward_op(
     use_triton: bool,
 ) -> torch.Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return _backward(logits, ids, active, lse, entropy, grad_logp, grad_entropy, inv_tau, use_triton, out)
+    return _backward(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, use_triton, out)
 
 
 @_token_stats_backward_op.register_fake
-def _(logits, ids, active, lse, entropy, grad_logp, grad_entropy, inv_tau, use_triton):
+def _(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, use_triton):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _backward(logits, ids, active, lse, entropy, grad_logp, grad_entropy, inv_tau, use_triton, out):
+def _backward(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, use_triton, out):
     grad_logp = grad_logp.float().contiguous()
     if grad_entropy is not None and not bool(grad_entropy.any()):
         grad_entropy = None  # autograd materialises zeros for an entropy used only as a metric: skip its term
     if grad_entropy is not None:
         grad_entropy = grad_entropy.float().contiguous()
     if use_triton:
+        lse = norm[..., 0] * inv_tau + norm[..., 1]  # the kernels' own lse: m = 0 when they made it
         return _triton().token_stats_backward(
             logits, ids, active, lse, entropy, grad_logp, grad_entropy, 1.0 / inv_tau, out
         )
-    return _backward_torch(logits, ids, active, lse, entropy, grad_logp, grad_entropy, inv_tau, out)
+    return _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
 
 
 def _setup_context(ctx, inputs, output):
     logits, ids, active, inv_tau, with_entropy, use_triton = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, ids, active, lse, entropy)
+    _, entropy, norm = output
+    ctx.save_for_backward(logits, ids, active, norm, entropy)
     ctx.inv_tau, ctx.with_entropy, ctx.use_triton = inv_tau, with_entropy, use_triton
 
 
 def _backward_fn(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, ids, active, lse, entropy = ctx.saved_tensors
+    logits, ids, active, norm, entropy = ctx.saved_tensors
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros_like(entropy)
     if not ctx.with_entropy:
         grad_entropy = None
     grad = _token_stats_backward_op(
-        logits, ids, active, lse, entropy, grad_logp, grad_entropy, ctx.inv_tau, ctx.use_triton
+        logits, ids, active, norm, entropy, grad_logp, grad_entropy, ctx.inv_tau, ctx.use_triton
     )
     return grad, None, None, None, None, None
 
@@ -192,18 +198,18 @@ class _InplaceTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ids, active, inv_tau, with_entropy, use_triton):
-        logp, entropy, lse = _token_stats_op(logits, ids, active, inv_tau, with_entropy, use_triton)
-        ctx.save_for_backward(logits, ids, active, lse, entropy)
+        logp, entropy, norm = _token_stats_op(logits, ids, active, inv_tau, with_entropy, use_triton)
+        ctx.save_for_backward(logits, ids, active, norm, entropy)
         ctx.inv_tau, ctx.with_entropy, ctx.use_triton = inv_tau, with_entropy, use_triton
-        ctx.mark_non_differentiable(lse)
-        return logp, entropy, lse
+        ctx.mark_non_differentiable(norm)
+        return logp, entropy, norm
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_lse):
-        logits, ids, active, lse, entropy = ctx.saved_tensors
+        logits, ids, active, norm, entropy = ctx.saved_tensors
         grad_entropy = grad_entropy if ctx.with_entropy else None
         out = logits.detach()
-        _backward(logits, ids, active, lse, entropy, grad_logp, grad_entropy, ctx.inv_tau, ctx.use_triton, out)
+        _backward(logits, ids, active, norm, entropy, grad_logp, grad_entropy, ctx.inv_tau, ctx.use_triton, out)
         return out, None, None, None, None, None
 
 
