@@ -28,6 +28,7 @@ import torch
 # large enough that the per-chunk read-modify-write of the (V, H) weight-gradient accumulator is
 # amortised over many rows (at V = 151936 this gives C = 220 rows).
 _CHUNK_ELEMENTS = 1 << 25
+_GRAD_W_BLOCK = 8192  # vocabulary rows per low-precision grad_W product (8192 x H bf16: 14 MB at H = 896)
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -48,7 +49,10 @@ class Workspace:
         self.p = torch.empty_like(self.z)
         low = weight.dtype if weight.dtype == hidden_dtype else torch.float32
         self.z_low = None if low == torch.float32 else torch.empty(chunk, v, dtype=low, device=weight.device)
-        self.gw_low = None if low == torch.float32 else torch.empty_like(weight)  # per-chunk grad_W product
+        # one vocabulary block of a chunk's grad_W product, in low precision (a (V, H) one would be 272 MB
+        # for Qwen2.5-0.5B's head in bf16)
+        rows = min(v, _GRAD_W_BLOCK)
+        self.gw_low = None if low == torch.float32 else weight.new_empty((rows, weight.shape[1]))
 
     def logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """float32 logits (C, V) of one chunk in the z buffer. Mixed precision computes in fp32."""
@@ -172,9 +176,27 @@ class LinearGRPOFunction(torch.autograd.Function):
             grad_h = grad_h * scale.to(grad_h.dtype)
             grad_w = grad_w * scale
             grad_b = None if grad_b is None else grad_b * scale
-        grad_w = grad_w.to(ctx.weight_dtype)
+        grad_w = narrow_in_place(grad_w, ctx.weight_dtype)
         grad_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype, block: int = 1 << 20) -> torch.Tensor:
+    """The float32 accumulator converted to a narrower dtype inside its own storage.
+
+    A plain ``acc.to(bfloat16)`` would hold both (1.5x the fp32 size; +272 MB for a 151936 x 896 head).
+    Element i of the result is written at byte 2i, after the source block holding byte 4i has been
+    read into a small temporary, so no unread source value is overwritten. The result keeps the fp32
+    storage (its first half holds the values).
+    """
+    if dtype == acc.dtype or not acc.is_contiguous() or acc.element_size() < torch.finfo(dtype).bits // 8:
+        return acc.to(dtype)
+    n = acc.numel()
+    out = torch.empty(0, dtype=dtype, device=acc.device).set_(acc.untyped_storage(), 0, acc.shape)
+    src, dst = acc.view(-1), out.view(-1)
+    for a in range(0, n, block):
+        dst[a : a + block].copy_(src[a : a + block].to(dtype))
+    return out
 
 
 def _accumulate_grads(g, h_c, weight, rows, grad_h, grad_w, grad_b, ws: Workspace):
@@ -186,7 +208,10 @@ def _accumulate_grads(g, h_c, weight, rows, grad_h, grad_w, grad_b, ws: Workspac
     else:
         g_low = ws.z_low[: g.shape[0]].copy_(g)
         grad_h[rows] = (g_low @ weight).to(grad_h.dtype)
-        # the chunk's product in low precision (fp32 accumulation inside the GEMM), the sum across chunks in fp32
-        grad_w.add_(torch.mm(g_low.T, h_c, out=ws.gw_low))
+        # the chunk's product in low precision (fp32 accumulation inside the GEMM), the sum across chunks in
+        # fp32, one vocabulary block at a time so the low-precision product stays small
+        for v0 in range(0, g_low.shape[1], ws.gw_low.shape[0]):
+            v1 = min(v0 + ws.gw_low.shape[0], g_low.shape[1])
+            grad_w[v0:v1].add_(torch.mm(g_low[:, v0:v1].T, h_c, out=ws.gw_low[: v1 - v0]))
     if grad_b is not None:
         grad_b.add_(g.sum(0))
