@@ -60,15 +60,14 @@ def tiny_qwen2_config(tokenizer, hidden_size: int = 128, layers: int = 2, heads:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
+        attn_implementation="sdpa",
     )
 
 
 def build_model(tokenizer, seed: int = 0, **config_kwargs) -> Qwen2ForCausalLM:
     """A freshly initialised tiny Qwen2 (float32, sdpa attention); initialisation is seeded."""
     torch.manual_seed(seed)
-    config = tiny_qwen2_config(tokenizer, **config_kwargs)
-    config._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(tiny_qwen2_config(tokenizer, **config_kwargs))
 
 
 def scratchpad(a: int, b: int) -> str:

@@ -1,0 +1,126 @@
+"""Frozen config dataclasses from YAML files and ``--key value`` command-line overrides.
+
+One rule everywhere: an unknown key is a ConfigError (a ValueError) that suggests the closest known
+name (a typo in a config file must never be silently ignored), and every value is coerced to the
+field's declared type (so ``learning_rate: 1e-4``, which YAML 1.1 reads as a string, still becomes a
+float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class ConfigError(ValueError):
+    """A config file or command-line override the user can fix (the CLI prints it without a traceback)."""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping stored in a YAML file (an empty file is an empty mapping)."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def unknown_key_error(key: str, known: typing.Iterable[str], source: str) -> ConfigError:
+    """ConfigError for an unknown config key, with the closest known key as a suggestion."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def field_types(cls) -> dict[str, Any]:
+    """Resolved type hints of a dataclass' init fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def from_dict(cls, data: dict[str, Any], source: str = "config"):
+    """``cls(**data)`` with unknown keys rejected and values coerced to the field types."""
+    types_ = field_types(cls)
+    for key in data:
+        if key not in types_:
+            raise unknown_key_error(key, types_, source)
+    values = {k: coerce(v, types_[k], k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:  # the dataclass' own validation
+        raise ConfigError(f"{source}: {error}") from error
+
+
+def to_dict(config) -> dict[str, Any]:
+    """Plain (YAML-safe) dict of a config dataclass; tuples become lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """``value`` (from YAML or a command-line string) as ``annotation``: bool, int, float, str,
+    ``X | None`` and ``tuple[X, ...]`` are supported."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(value, inner, name)
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(coerce(v, args[0], name) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            number = float(value) if annotation is float else int(str(value), 10)
+        except ValueError:
+            raise ConfigError(f"{name} must be {annotation.__name__}, got {value!r}") from None
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config field {name} has a type the loader does not handle: {annotation}")
+
+
+def parse_overrides(argv: list[str], known: typing.Iterable[str], source: str = "the command line") -> dict[str, str]:
+    """``["--key", "value", "--flag=x", ...]`` -> {"key": "value", "flag": "x"}; dashes in keys become
+    underscores. Values stay strings (``from_dict`` coerces them)."""
+    known = list(known)
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --key value on {source}, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        if key not in known:
+            raise unknown_key_error(key, known, source)
+        out[key] = value
+        i += 1
+    return out

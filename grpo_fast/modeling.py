@@ -1,0 +1,82 @@
+"""Glue to Hugging Face causal LMs: load a model, split it into backbone + LM head, and run the
+backbone on prompt + completion to get the hidden states that predict the completion tokens.
+
+The loss is computed from these hidden states and the LM-head weight (grpo_fast.linear_grpo_loss),
+so the (B, T, V) logits are never built by the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+
+def attn_implementation(device: torch.device | str) -> str:
+    """flash_attention_2 on CUDA when the flash-attn package is installed, sdpa otherwise."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` from a local directory, with the attention picked above.
+
+    dtype None = float32 (training keeps fp32 master weights; bf16 is used through autocast on CUDA).
+    """
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, attn_implementation=attn_implementation(device)
+    ).to(device)
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(decoder that returns hidden states, LM-head linear layer) of a causal LM.
+
+    Raises ValueError for models whose logits are not a plain linear map of the last hidden state
+    (logit soft-capping or scaling), because the hidden-state loss would silently differ there.
+    """
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise ValueError(
+                f"model config sets {name}={getattr(config, name)}; the hidden-state loss needs logits = "
+                "hidden @ lm_head.weight.T (+ bias)"
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"the model's output embeddings must be an nn.Linear, got {type(head).__name__}")
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    return backbone, head
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions counting only attended tokens, so left padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_hidden(
+    backbone: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor
+) -> torch.Tensor:
+    """Last hidden states at the positions that predict the completion tokens.
+
+    Args:
+        backbone: the decoder from ``backbone_and_head``.
+        prompt_ids, prompt_mask: (B, P) left-padded prompts and their attention mask.
+        completion_ids: (B, T) completions (anything after EOS is ignored by causality: those tokens
+            only ever attend backwards, so they need no attention mask).
+    Returns:
+        (B, T, H): ``out[:, t]`` predicts ``completion_ids[:, t]``.
+    """
+    p, t = prompt_ids.shape[1], completion_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)  # (B, P + T)
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, p - 1 : p + t - 1]  # (B, T, H)

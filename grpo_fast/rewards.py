@@ -1,0 +1,220 @@
+"""Rule-based rewards (DeepSeek-R1, arXiv 2501.12948: accuracy + format, no neural reward model) and
+the protocol the trainer calls them with.
+
+Protocol (TRL's): ``fn(prompts, completions, **kwargs) -> list[float | None]`` with one entry per
+completion. ``prompts`` and ``completions`` are strings (or chat message lists for conversational
+data); kwargs carry every dataset column except ``prompt`` (e.g. ``answer``), plus ``completion_ids``
+(list of token-id lists, EOS included). ``None`` means "this function does not apply to this sample":
+it becomes NaN and is left out of the weighted sum, as in TRL.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+
+RewardFunction = Callable[..., list]
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_GSM8K = re.compile(r"####\s*([^\n]+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised or returned something unusable; the message names it and the sample."""
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: the string itself, or the content of the last chat message."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"a completion must be a str or a list of chat messages, got {type(completion).__name__}")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in ``text``, trying in order: the last ``<answer>..</answer>``, the last
+    ``\\boxed{..}`` (nested braces allowed), a GSM8K ``#### x`` line, the last number. None if none."""
+    tagged = _ANSWER_TAG.findall(text)
+    if tagged:
+        return tagged[-1].strip()
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    gsm8k = _GSM8K.findall(text)
+    if gsm8k:
+        return gsm8k[-1].strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None  # unbalanced: no answer rather than a guess
+
+
+def normalize_answer(answer: str) -> str:
+    """Canonical form for comparison: numbers without thousands separators, "$", "%" or trailing ".0";
+    other text lower-cased with whitespace collapsed."""
+    s = answer.strip().strip("$").strip()
+    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s)
+    numeric = s.replace(",", "").rstrip("%").rstrip(".").strip()
+    try:
+        value = float(numeric)
+    except ValueError:
+        return " ".join(s.lower().split())
+    if not math.isfinite(value):
+        return " ".join(s.lower().split())
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def answers_match(predicted: str | None, gold: str) -> bool:
+    """True when the normalised answers are equal (the gold may be a full GSM8K solution)."""
+    if predicted is None:
+        return False
+    gold_answer = extract_answer(gold) if "####" in gold or "\\boxed" in gold else gold
+    return gold_answer is not None and normalize_answer(predicted) == normalize_answer(gold_answer)
+
+
+def accuracy_reward(prompts, completions, answer=None, solution=None, **kwargs) -> list[float | None]:
+    """1.0 if the extracted final answer equals the gold one, else 0.0 (DeepSeek-R1 accuracy reward).
+
+    The gold answer comes from the ``answer`` column (GSM8K style, "#### x" allowed) or, failing that,
+    ``solution`` (TRL's math datasets); a sample with no gold answer gets None.
+    """
+    gold = answer if answer is not None else solution
+    if gold is None:
+        return [None] * len(completions)
+    return [
+        None if g is None else float(answers_match(extract_answer(completion_text(c)), str(g)))
+        for c, g in zip(completions, gold, strict=True)
+    ]
+
+
+def format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 if the completion is exactly ``<think>...</think><answer>...</answer>`` (whitespace allowed
+    around the blocks), else 0.0 (DeepSeek-R1 format reward)."""
+    return [float(bool(_FORMAT.match(completion_text(c)))) for c in completions]
+
+
+def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int) -> RewardFunction:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13) as a reward function.
+
+    With L_max = max_completion_length and L_cache = soft_punish_cache, a completion of |y| tokens gets
+    0 if |y| <= L_max - L_cache, ((L_max - L_cache) - |y|) / L_cache inside the buffer, -1 beyond L_max.
+    DAPO used L_max = 20480, L_cache = 4096. Needs the ``completion_ids`` kwarg (the trainer passes it).
+    """
+    if not 0 < soft_punish_cache <= max_completion_length:
+        raise ValueError(
+            f"soft_punish_cache must be in (0, max_completion_length={max_completion_length}], got {soft_punish_cache}"
+        )
+    expected = max_completion_length - soft_punish_cache
+
+    def soft_overlong_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
+        rewards = []
+        for ids in completion_ids:
+            n = len(ids)
+            rewards.append(
+                0.0 if n <= expected else -1.0 if n > max_completion_length else (expected - n) / soft_punish_cache
+            )
+        return rewards
+
+    return soft_overlong_reward
+
+
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+def get_reward_function(name: str) -> RewardFunction:
+    """A built-in reward function by name (see ``REWARD_FUNCTIONS``)."""
+    if name not in REWARD_FUNCTIONS:
+        raise ValueError(f"unknown reward function {name!r}; built-in ones are {sorted(REWARD_FUNCTIONS)}")
+    return REWARD_FUNCTIONS[name]
+
+
+def reward_name(fn) -> str:
+    """The name metrics use for a reward function (``rewards/<name>/mean``)."""
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def call_reward_function(fn: RewardFunction, prompts: list, completions: list, columns: dict) -> list[float]:
+    """Call ``fn`` once on the batch and check its result; None entries become NaN.
+
+    Raises:
+        RewardFunctionError naming the function and the first sample it fails on, chained to the
+        original exception (the batch is re-run one sample at a time to find that sample).
+    """
+    name = reward_name(fn)
+    try:
+        values = fn(prompts=prompts, completions=completions, **columns)
+    except Exception as error:
+        index = _first_failing_sample(fn, prompts, completions, columns)
+        where = "" if index is None else f" on sample {index}: {_describe(prompts, completions, columns, index)}"
+        raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}{where}") from error
+    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+        got = f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
+        raise RewardFunctionError(
+            f"reward function {name!r} must return a list of {len(completions)} values (one per completion), got {got}"
+        )
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(float("nan"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isinf(v):
+            out.append(float(v))
+        else:
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {v!r} for sample {i} (expected a finite "
+                f"float or None): {_describe(prompts, completions, columns, i)}"
+            )
+    return out
+
+
+def _first_failing_sample(fn, prompts, completions, columns) -> int | None:
+    for i in range(len(completions)):
+        try:
+            fn(
+                prompts=prompts[i : i + 1],
+                completions=completions[i : i + 1],
+                **{k: v[i : i + 1] for k, v in columns.items()},
+            )
+        except Exception:
+            return i
+    return None
+
+
+def _describe(prompts, completions, columns, i: int, limit: int = 200) -> str:
+    def short(x):
+        s = repr(x)
+        return s if len(s) <= limit else s[:limit] + "...'"
+
+    extra = ", ".join(f"{k}={short(v[i])}" for k, v in columns.items() if k != "completion_ids")
+    return f"prompt={short(prompts[i])}, completion={short(completions[i])}" + (f", {extra}" if extra else "")
+
+
+def score_completions(
+    reward_funcs: Sequence[RewardFunction], weights: Sequence[float], prompts: list, completions: list, columns: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of a batch: per function, and their weighted sum (TRL: NaN entries are skipped).
+
+    Returns:
+        (per_function (B, F) float32 with NaN where a function returned None, total (B,) float32).
+        A sample for which every function returned None gets total 0.
+    """
+    per_function = torch.tensor(
+        [call_reward_function(fn, prompts, completions, columns) for fn in reward_funcs], dtype=torch.float32
+    ).T.reshape(len(completions), len(reward_funcs))  # (B, F)
+    weighted = per_function * torch.tensor(list(weights), dtype=torch.float32)  # (B, F)
+    return per_function, torch.nansum(weighted, dim=1)
