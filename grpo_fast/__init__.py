@@ -20,3 +20,15 @@ __all__ = [
     "token_logprobs",
 ]
 __version__ = "0.1.0"
+
+_TRAINER_NAMES = ("GRPOConfig", "GRPOTrainer")
+__all__ += list(_TRAINER_NAMES)
+
+
+def __getattr__(name: str):
+    """The trainer is imported on first use, so ``import grpo_fast`` does not load transformers/datasets."""
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'grpo_fast' has no attribute {name!r}")

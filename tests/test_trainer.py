@@ -36,6 +36,16 @@ def config(tmp_path, **changes) -> GRPOConfig:
     return GRPOConfig(**{**base, **changes})
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: a second OpenMP thread buys nothing and, on a shared 2-core machine,
+    stalls every small op waiting for its descheduled partner (0.5 s -> 17 s for the resume test)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def data():
     return toy.make_splits(num_train=200, num_dev=8, num_test=16)
