@@ -42,8 +42,9 @@ def _randn(shape, scale, dtype, g):
     the inputs exist is the inputs themselves."""
     out = torch.empty(shape, dtype=dtype)
     flat = out.view(-1, shape[-1])
-    for i in range(0, flat.shape[0], 4096):
-        flat[i : i + 4096] = torch.randn(flat[i : i + 4096].shape, generator=g) * scale
+    rows = max(1, (1 << 22) // shape[-1])  # blocks of ~16 MB in float32
+    for i in range(0, flat.shape[0], rows):
+        flat[i : i + rows] = torch.randn(flat[i : i + rows].shape, generator=g) * scale
     return out
 
 
