@@ -2,7 +2,9 @@
 
 The (N x V) logits of the LM head are never materialised whole: see grpo_fast/ops/linear_loss.py for
 the chunked algorithm (three GEMMs per forward + backward, gradients formed at forward time).
-Backends: "torch" (any device; the default) and "reference" (materialised logits + plain autograd).
+Backends: "torch" (chunked PyTorch, any device), "triton" (Cut-Cross-Entropy-style kernels,
+grpo_fast/ops/linear_triton.py; CUDA, or CPU under TRITON_INTERPRET=1), "reference" (materialised
+logits + plain autograd), "auto" (triton on CUDA, torch elsewhere).
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ from .loss import (
     usable_ids,
 )
 from .ops import linear_loss as ops
-from .validation import FLOAT_DTYPES, check_float, check_ids, check_same_device, check_shape, check_tensor
-
-LINEAR_BACKENDS = ("auto", "torch", "reference")
+from .ops import linear_triton as triton_ops
+from .validation import (
+    FLOAT_DTYPES,
+    check_backend,
+    check_float,
+    check_ids,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
 
 
 def linear_grpo_loss(
@@ -43,6 +52,7 @@ def linear_grpo_loss(
     num_items_in_batch: float | torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    deterministic: bool = False,
 ) -> LossOutput:
     """GRPO loss of the LM head ``hidden @ weight.T + bias`` without building the (N, V) logits.
 
@@ -53,8 +63,9 @@ def linear_grpo_loss(
         importance_ratio, num_items_in_batch: as in ``grpo_loss``.
         bias: optional (V,) LM-head bias.
         backend: "auto" | "torch" | "reference".
-        chunk_size: token rows per chunk (default from V: about 2^25 / V, so two float32 chunk
-            buffers take ~256 MB).
+        chunk_size: token rows per chunk of the torch backend (default from V: about 2^25 / V, so two
+            float32 chunk buffers take ~256 MB).
+        deterministic: triton backend without atomics (bit-identical run to run; one more GEMM).
     Returns:
         LossOutput(loss, metrics, logprobs); logprobs is detached on the torch backend.
     """
@@ -75,7 +86,7 @@ def linear_grpo_loss(
     )
     check_ids("completion_ids", completion_ids, weight.shape[0], active)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
-    backend = _check_linear_backend(backend)
+    backend = _check_linear_backend(backend, hidden.device)
     ids = usable_ids(completion_ids, active)
     if backend == "reference":
         logits = _reference_logits(hidden2d, weight, bias).view(b, t, -1)  # (B, T, V)
@@ -92,15 +103,25 @@ def linear_grpo_loss(
     def objective(logp, entropy):
         return reference.grpo_objective(logp, entropy, adv, mask, old, ref, config, ratio, num_items_in_batch)
 
+    inv_tau = 1.0 / config.temperature
+    metrics: dict[str, torch.Tensor] = {}
+    if backend == "triton":
+        standin = torch.zeros_like(mask) if old is None else old  # log-probs the objective sees at masked tokens
+        loss, logp = triton_ops.LinearGRPOTritonFunction.apply(
+            hidden2d, weight, bias, ids.reshape(-1), active, standin, objective, inv_tau, deterministic, metrics
+        )
+        return _finish_linear(loss, logp, mask, metrics, hidden2d, weight, bias)
     rows = active.reshape(-1).nonzero().squeeze(1)  # (M,) flat indices of the tokens in the loss
     chunk = _chunk(chunk_size, weight.shape[0])
-    inv_tau = 1.0 / config.temperature
     standin = _standin(hidden2d, weight, bias, ids, rows, mask, old, config, inv_tau, chunk)
-    metrics: dict[str, torch.Tensor] = {}
     loss, logp = ops.LinearGRPOFunction.apply(
         hidden2d, weight, bias, ids.reshape(-1), rows, standin, objective, inv_tau, chunk, metrics
     )
-    if b * t == 0:  # an empty batch: 0 with zero gradients, not the NaN of a mean over no sequences
+    return _finish_linear(loss, logp, mask, metrics, hidden2d, weight, bias)
+
+
+def _finish_linear(loss, logp, mask, metrics, hidden2d, weight, bias) -> LossOutput:
+    if mask.numel() == 0:  # an empty batch: 0 with zero gradients, not the NaN of a mean over no sequences
         loss = sum(x.sum() for x in (hidden2d, weight, bias) if x is not None).float() * 0
     return LossOutput(loss, metrics, logp * mask)
 
@@ -131,12 +152,17 @@ def linear_token_logprobs(
     active = active_mask(mask, (b, t), "mask", ids.device)
     check_same_device(hidden=hidden, weight=weight, bias=bias, ids=ids, mask=mask)
     check_ids("ids", ids, weight.shape[0], active)
-    backend = _check_linear_backend(backend)
+    backend = _check_linear_backend(backend, hidden.device)
     ids = usable_ids(ids, active)
     with torch.no_grad():
         if backend == "reference":
             logits = _reference_logits(hidden2d, weight, bias).view(b, t, -1)
             return token_logprobs(logits, ids, temperature, return_entropy, "reference", active)
+        if backend == "triton":
+            lp, ent = triton_ops.forward_stats(
+                hidden2d, weight, bias, ids.reshape(-1), active.reshape(-1), 1.0 / temperature, return_entropy
+            )
+            return TokenLogprobs(lp.view(b, t), ent.view(b, t) if return_entropy else None)
         rows = active.reshape(-1).nonzero().squeeze(1)
         chunk = _chunk(chunk_size, weight.shape[0])
         lp, ent = ops.forward_stats(
@@ -218,12 +244,9 @@ def _check_head(hidden, weight, bias, ids):
     return b, t, hidden.reshape(b * t, h)
 
 
-def _check_linear_backend(backend: str) -> str:
-    if backend not in LINEAR_BACKENDS:
-        raise ValueError(
-            f"backend must be one of {LINEAR_BACKENDS} for the linear (hidden-state) path, got {backend!r}"
-        )
-    return "torch" if backend == "auto" else backend
+def _check_linear_backend(backend: str, device: torch.device) -> str:
+    """auto = triton on CUDA, torch elsewhere; triton needs CUDA tensors or TRITON_INTERPRET=1."""
+    return check_backend(backend, device)
 
 
 def _chunk(chunk_size, vocab: int) -> int:
