@@ -86,7 +86,7 @@ def linear_grpo_loss(
     )
     check_ids("completion_ids", completion_ids, weight.shape[0], active)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
-    backend = _check_linear_backend(backend, hidden.device)
+    backend = check_backend(backend, hidden.device, hidden.dtype)
     ids = usable_ids(completion_ids, active)
     if backend == "reference":
         logits = _reference_logits(hidden2d, weight, bias).view(b, t, -1)  # (B, T, V)
@@ -152,7 +152,7 @@ def linear_token_logprobs(
     active = active_mask(mask, (b, t), "mask", ids.device)
     check_same_device(hidden=hidden, weight=weight, bias=bias, ids=ids, mask=mask)
     check_ids("ids", ids, weight.shape[0], active)
-    backend = _check_linear_backend(backend, hidden.device)
+    backend = check_backend(backend, hidden.device, hidden.dtype)
     ids = usable_ids(ids, active)
     with torch.no_grad():
         if backend == "reference":
@@ -242,11 +242,6 @@ def _check_head(hidden, weight, bias, ids):
         check_tensor("bias", bias, 1, FLOAT_DTYPES)
         check_shape("bias", bias, (weight.shape[0],), "(V,) like weight.shape[0]")
     return b, t, hidden.reshape(b * t, h)
-
-
-def _check_linear_backend(backend: str, device: torch.device) -> str:
-    """auto = triton on CUDA, torch elsewhere; triton needs CUDA tensors or TRITON_INTERPRET=1."""
-    return check_backend(backend, device)
 
 
 def _chunk(chunk_size, vocab: int) -> int:

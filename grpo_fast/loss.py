@@ -73,7 +73,7 @@ def token_logprobs(
     active = active_mask(mask, ids.shape, "mask", ids.device)
     check_same_device(logits=logits, ids=ids, mask=mask)
     check_ids("ids", ids, logits.shape[-1], active)
-    backend = check_backend(backend, logits.device)
+    backend = check_backend(backend, logits.device, logits.dtype)
     ids = usable_ids(ids, active)
     logp, entropy = _stats(logits, ids, active, temperature, return_entropy, backend)
     return TokenLogprobs(logp, entropy if return_entropy else None)
@@ -129,7 +129,7 @@ def grpo_loss(
     )
     check_ids("completion_ids", completion_ids, logits.shape[-1], active)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
-    backend = check_backend(backend, logits.device)
+    backend = check_backend(backend, logits.device, logits.dtype)
     ids = usable_ids(completion_ids, active)
     if backend == "reference":
         mask = active.to(_float_for(logits))

@@ -58,12 +58,13 @@ def check_ids(name: str, ids: torch.Tensor, vocab: int, mask: torch.Tensor | Non
         raise ValueError(f"{name} must be in [0, {vocab}) (the vocabulary size), got values in [{lo}, {hi}]")
 
 
-def check_backend(backend: str, device: torch.device) -> str:
-    """Resolve ``backend``: auto = triton on CUDA, torch elsewhere."""
+def check_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Resolve ``backend``: auto = triton on CUDA (float32/bf16/fp16 inputs), torch elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        kernel_dtype = dtype != torch.float64  # the kernels take fp32/bf16/fp16; float64 goes to torch
+        return "triton" if device.type == "cuda" and kernel_dtype and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package, which is not installed")
