@@ -34,10 +34,10 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from grpo_fast.kernels import token_stats
+from grpo_fast.kernels import linear_token_stats, token_stats
 
 # Every module whose kernels are audited; each exposes kernel_configs().
-KERNEL_MODULES = (token_stats,)
+KERNEL_MODULES = (token_stats, linear_token_stats)
 
 
 def parse_arch(text: str) -> int:
@@ -139,8 +139,19 @@ def inspect_cubin(config, capability: int, out_dir: Path, compiled, signature: d
     sass = _cuobjdump("-sass", cubin)
     (arch_dir / f"{stem}.sass").write_text(sass)
     loads = access_widths(sass, "LDG")
+    async_loads = access_widths(sass, "LDGSTS")  # cp.async: how the GEMM kernels stage their tiles
     narrow_loads = sum(n for bits, n in loads.items() if bits != "128")
-    values_per_thread = config.constexprs["BLOCK_V"] // (32 * config.num_warps)
+    gemm = config.name.startswith("linear_")
+    if config.name.startswith("linear_merge"):
+        vectorised = True  # reads (split, row) partial statistics only: no logits, hidden or weight tiles
+    elif gemm:  # hidden/weight tiles must arrive in 128-bit loads; per-row scalars may be narrower
+        vectorised = async_loads.get("128", 0) + loads.get("128", 0) > 0
+    else:  # the logits row streams in 128-bit loads; only the per-row scalars may be narrower
+        vectorised = loads.get("128", 0) > 0 and narrow_loads <= config.row_scalar_loads
+    per_value = None
+    if not gemm:
+        values_per_thread = config.constexprs["BLOCK_V"] // (32 * config.num_warps)
+        per_value = round(loop_instructions(sass) / values_per_thread, 2)
     return {
         "name": config.name,
         "arch": f"sm_{capability}",
@@ -151,10 +162,10 @@ def inspect_cubin(config, capability: int, out_dir: Path, compiled, signature: d
         "shared_bytes": compiled.metadata.shared,  # dynamic, as the launch requests it
         **spill_bytes(compiled.asm["ptx"], capability),
         "loads": loads,
+        "async_loads": async_loads,
         "stores": access_widths(sass, "STG"),
-        # the row streams in 128-bit loads; only the per-row scalars may be narrower
-        "vectorised": loads.get("128", 0) > 0 and narrow_loads <= config.row_scalar_loads,
-        "loop_instructions_per_value": round(loop_instructions(sass) / values_per_thread, 2),
+        "vectorised": vectorised,
+        "loop_instructions_per_value": per_value,
         "cubin": str(cubin.relative_to(out_dir)),
     }
 
@@ -187,16 +198,16 @@ def audit(capabilities: list[int], out_dir: Path) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'variant':58} {'arch':6} {'regs':>4} {'spill':>5} {'local':>5} {'smem':>5} {'ldg128':>6} {'narrow':>6}"
+    head = f"{'variant':92} {'arch':6} {'regs':>4} {'spill':>5} {'local':>5} {'smem':>5} {'ld128':>6} {'narrow':>6}"
     head += f" {'instr/v':>7}  vectorised"
     lines = [head]
     for r in rows:
         narrow = sum(n for bits, n in r["loads"].items() if bits != "128")
         spill = r["spill_store_bytes"] + r["spill_load_bytes"]
         lines.append(
-            f"{r['name']:58} {r['arch']:6} {r['registers']:>4} {spill:>5} {r['local_bytes']:>5} "
-            f"{r['shared_bytes']:>5} {r['loads'].get('128', 0):>6} {narrow:>6} "
-            f"{r['loop_instructions_per_value']:>7}  {'yes' if r['vectorised'] else 'NO'}"
+            f"{r['name']:92} {r['arch']:6} {r['registers']:>4} {spill:>5} {r['local_bytes']:>5} "
+            f"{r['shared_bytes']:>5} {r['loads'].get('128', 0) + r['async_loads'].get('128', 0):>6} {narrow:>6} "
+            f"{r['loop_instructions_per_value'] or '-':>7}  {'yes' if r['vectorised'] else 'NO'}"
         )
     return "\n".join(lines)
 
