@@ -4,6 +4,7 @@ continue bit-exactly (optimizer, LR scheduler, RNG states, trainer counters).
 Layout of ``RUN_DIR/checkpoint-<step>/``::
 
     config.json, model.safetensors, generation_config.json   save_pretrained: loads with from_pretrained
+    adapter_config.json, adapter_model.safetensors           instead, for a peft model: the adapters only
     tokenizer.json, tokenizer_config.json                    when a tokenizer is given
     optimizer.pt, scheduler.pt, rng.pt                       torch.save of tensors/dicts only
     ref_model.safetensors                                    the KL reference model, when there is one
@@ -11,24 +12,46 @@ Layout of ``RUN_DIR/checkpoint-<step>/``::
 
 Writes are atomic: everything goes to a hidden temporary directory that is renamed into place with
 ``os.replace`` only when complete, so a crash mid-save leaves the previous checkpoints untouched and
-never a half-written ``checkpoint-<step>``. Loading uses ``torch.load(weights_only=True)``.
+never a half-written ``checkpoint-<step>`` (tests/test_faults.py kills a saving process with SIGKILL).
+Re-saving an existing step moves the old directory aside first; if the process dies between the two
+renames, ``latest_checkpoint`` puts it back (and deletes what dead processes left half-written).
+A failed write (disk full, permission denied, read-only file system) is an OSError with the original
+errno that names the checkpoint and the reason; the temporary directory is removed.
+
+Loading never runs code from a file: weights are safetensors, the rest ``torch.load(weights_only=True)``
+(tensors and plain containers only); anything else in a ``.pt`` file is refused with a ValueError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_MOVED_ASIDE = re.compile(r"^\.(checkpoint-\d+)\.old-(\d+)$")  # by _replace_dir of process <pid>
+_TEMPORARY = re.compile(r"^\.checkpoint-\d+\.tmp-(\d+)-")  # being written by process <pid>
 STATE_FILE = "trainer_state.json"
+_NO_SPACE = "free disk space or save elsewhere (output_dir)"
+_NOT_WRITABLE = "make {dir} writable for this user or save elsewhere (output_dir)"
+_HINTS = {
+    errno.ENOSPC: _NO_SPACE,
+    errno.EDQUOT: _NO_SPACE,
+    errno.EACCES: _NOT_WRITABLE,
+    errno.EPERM: _NOT_WRITABLE,
+    errno.EROFS: _NOT_WRITABLE,
+}
 
 
 def save_checkpoint(
@@ -50,9 +73,12 @@ def save_checkpoint(
         ref_model: the frozen reference model (saved because ref-model syncs change it during training).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-{os.getpid()}-", dir=run_dir))
+    except OSError as error:
+        raise _save_error(error, final) from error
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -67,10 +93,25 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         _fsync_dir(tmp)
         _replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise _save_error(error, final) from error
         raise
     return final
+
+
+def _save_error(error: OSError, final: Path) -> OSError:
+    """The OSError of a failed save: same errno, a message naming the checkpoint, the file and a remedy."""
+    detail = error.strerror or str(error)
+    if error.filename is not None:
+        detail += f": {error.filename}"
+    hint = _HINTS.get(error.errno, "")
+    message = (
+        f"could not save checkpoint {final}: {detail}; the checkpoints already in {final.parent} are untouched"
+        + (f"; {hint.format(dir=final.parent)}" if hint else "")
+    )
+    return OSError(error.errno, message) if error.errno is not None else OSError(message)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -78,7 +119,11 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)  # put the previous checkpoint back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
@@ -102,14 +147,47 @@ def _fsync_dir(path: Path) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in ``run_dir``, or None."""
+    """The complete checkpoint with the highest step in ``run_dir``, or None (after recovering what a
+    killed save left, see ``recover_interrupted_saves``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
+    recover_interrupted_saves(run_dir)
     found = [
         (int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).exists()
     ]
     return max(found)[1] if found else None
+
+
+def recover_interrupted_saves(run_dir: str | Path) -> None:
+    """Undo what a process killed mid-save left in ``run_dir``; directories of live processes are kept.
+
+    ``.checkpoint-N.old-<pid>`` is a complete checkpoint-N moved aside for a re-save of step N: it goes
+    back to ``checkpoint-N`` if that is missing, else (the new one was renamed in) it is deleted.
+    ``.checkpoint-N.tmp-<pid>-*`` is a half-written checkpoint: deleted.
+    """
+    for path in Path(run_dir).iterdir():
+        if (m := _MOVED_ASIDE.match(path.name)) and not _alive(int(m.group(2))):
+            final = path.with_name(m.group(1))
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, final)
+        elif (m := _TEMPORARY.match(path.name)) and not _alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (a reused id errs on the safe side: alive)."""
+    if pid == os.getpid() or os.name != "posix":  # os.kill(pid, 0) is no probe on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, scheduler=None, ref_model=None) -> dict:
@@ -121,18 +199,53 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, schedule
     path = Path(path)
     load_weights(model, path)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
     if ref_model is not None:
-        load_model(ref_model, str(path / "ref_model.safetensors"), device=str(next(ref_model.parameters()).device))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        file = path / "ref_model.safetensors"
+        with _named_safetensors_errors(file):
+            load_model(ref_model, str(file), device=str(next(ref_model.parameters()).device))
+    set_rng_state(load_tensors(path / "rng.pt"))
     return json.loads((path / STATE_FILE).read_text())
 
 
+def load_tensors(file: str | Path):
+    """``torch.load(file, weights_only=True)``: tensors and plain containers only, never code.
+
+    Raises:
+        ValueError naming the file when it holds any other object (the unpickler refuses it before
+        anything in it runs).
+    """
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = next((ln.strip() for ln in str(error).splitlines() if "WeightsUnpickler" in ln), "")
+        raise ValueError(
+            f"{file}: refused to load: it holds Python objects other than tensors and plain containers, which "
+            f"could run code when unpickled (grpo_fast loads with torch.load(weights_only=True) and never writes "
+            f"such objects; was the file replaced?). {detail}"
+        ) from error
+
+
+@contextlib.contextmanager
+def _named_safetensors_errors(file: Path):
+    """Re-raise a corrupt or truncated safetensors file as a ValueError naming it."""
+    try:
+        yield
+    except SafetensorError as error:
+        raise ValueError(f"{file}: not a readable safetensors file (corrupt or truncated?): {error}") from error
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy ``path/model.safetensors`` into ``model`` in place (tied weights are stored once)."""
-    state = load_file(str(Path(path) / "model.safetensors"), device=str(next(model.parameters()).device))
+    """Copy ``path/model.safetensors`` into ``model`` in place (tied weights are stored once); for a peft
+    model, ``path/adapter_model.safetensors`` into its adapters (the base weights are the caller's)."""
+    if hasattr(model, "peft_config") and (Path(path) / "adapter_model.safetensors").exists():
+        _load_adapters(model, Path(path) / "adapter_model.safetensors")
+        return
+    file = Path(path) / "model.safetensors"
+    with _named_safetensors_errors(file):
+        state = load_file(str(file), device=str(next(model.parameters()).device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     every_name = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     unique_names = {n for n, _ in model.named_parameters()}
@@ -141,6 +254,20 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ValueError(
             f"{path}: checkpoint does not match the model (missing {untied_missing}, unexpected {unexpected})"
         )
+
+
+def _load_adapters(model: nn.Module, file: Path) -> None:
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    with _named_safetensors_errors(file):
+        state = load_file(str(file), device=str(next(model.parameters()).device))
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        raise ValueError(
+            f"{file}: adapters do not match the model (missing {sorted(expected - set(state))}, "
+            f"unexpected {sorted(set(state) - expected)})"
+        )
+    set_peft_model_state_dict(model, state)
 
 
 def rng_state() -> dict:

@@ -26,9 +26,16 @@ class ConfigError(ValueError):
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping stored in a YAML file (an empty file is an empty mapping)."""
+    """The mapping stored in a YAML file (an empty file is an empty mapping).
+
+    ``yaml.safe_load``: plain scalars, lists and mappings only. A tag that would build a Python object
+    (``!!python/object/apply:os.system``) is a ConfigError, never a call, as is malformed YAML.
+    """
     with open(path) as f:
-        data = yaml.safe_load(f)
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not a plain YAML config (scalars, lists and mappings only): {error}") from error
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference
+from . import debug, reference
 from .config import LossConfig
 from .loss import (
     LossOutput,
@@ -88,13 +88,16 @@ def linear_grpo_loss(
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     backend = check_backend(backend, hidden.device, hidden.dtype)
     ids = usable_ids(completion_ids, active)
+    debug.check_inputs(active, ids, hidden=hidden, weight=weight, bias=bias, advantages=advantages,
+                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                       importance_ratio=importance_ratio)  # fmt: skip
     if backend == "reference":
-        logits = _reference_logits(hidden2d, weight, bias).view(b, t, -1)  # (B, T, V)
+        logits = _reference_logits(hidden2d, weight, bias).view(b, t, weight.shape[0])  # (B, T, V)
         mask = active.to(logits.dtype)
         loss, metrics, logp = reference.grpo_loss(
             logits, ids, advantages, mask, old_logprobs, ref_logprobs, config, importance_ratio, num_items_in_batch
         )
-        return LossOutput(loss.float(), metrics, logp.float())
+        return _finish_linear(loss.float(), logp.float(), active.float(), metrics, hidden2d, weight, bias)
     mask = active.float()
     cast = {"dtype": torch.float32}
     adv, old, ref = advantages.to(**cast), _float(old_logprobs), _float(ref_logprobs)
@@ -154,9 +157,10 @@ def linear_token_logprobs(
     check_ids("ids", ids, weight.shape[0], active)
     backend = check_backend(backend, hidden.device, hidden.dtype)
     ids = usable_ids(ids, active)
+    debug.check_inputs(active, ids, hidden=hidden, weight=weight, bias=bias)
     with torch.no_grad():
         if backend == "reference":
-            logits = _reference_logits(hidden2d, weight, bias).view(b, t, -1)
+            logits = _reference_logits(hidden2d, weight, bias).view(b, t, weight.shape[0])
             return token_logprobs(logits, ids, temperature, return_entropy, "reference", active)
         if backend == "triton":
             lp, ent = triton_ops.forward_stats(
@@ -253,7 +257,7 @@ def _chunk(chunk_size, vocab: int) -> int:
 
 
 def _reference_logits(hidden2d, weight, bias):
-    dtype = torch.promote_types(hidden2d.dtype, weight.dtype)
+    dtype = torch.promote_types(torch.promote_types(hidden2d.dtype, weight.dtype), torch.float32)  # fp16 overflows
     logits = hidden2d.to(dtype) @ weight.to(dtype).T
     return logits if bias is None else logits + bias.to(dtype)
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import reference
+from . import debug, reference
 from .config import LossConfig
 from .ops.token_stats import token_stats
 from .validation import (
@@ -75,6 +75,7 @@ def token_logprobs(
     check_ids("ids", ids, logits.shape[-1], active)
     backend = check_backend(backend, logits.device, logits.dtype)
     ids = usable_ids(ids, active)
+    debug.check_inputs(active, ids, logits=logits)
     logp, entropy = _stats(logits, ids, active, temperature, return_entropy, backend)
     return TokenLogprobs(logp, entropy if return_entropy else None)
 
@@ -131,6 +132,8 @@ def grpo_loss(
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     backend = check_backend(backend, logits.device, logits.dtype)
     ids = usable_ids(completion_ids, active)
+    debug.check_inputs(active, ids, logits=logits, advantages=advantages, old_logprobs=old_logprobs,
+                       ref_logprobs=ref_logprobs, importance_ratio=importance_ratio)  # fmt: skip
     if backend == "reference":
         mask = active.to(_float_for(logits))
         loss, metrics, logp = reference.grpo_loss(
@@ -181,8 +184,8 @@ def _stats(logits, ids, active, temperature, with_entropy, backend, inplace_back
     if backend == "reference":
         logp = reference.token_logprobs(logits, ids, temperature)
         entropy = reference.token_entropy(logits, temperature) if with_entropy else None
-        mask = active.to(logp.dtype)
-        return (logp * mask).float(), None if entropy is None else (entropy * mask).float()
+        logp = torch.where(active, logp, 0.0)  # a masked token may be scored at a -inf logit: not -inf * 0
+        return logp.float(), None if entropy is None else torch.where(active, entropy, 0.0).float()
     if logits.stride(-1) != 1:
         logits = logits.contiguous()  # only a non-unit vocabulary stride forces a copy
     use_triton = backend == "triton"

@@ -231,7 +231,7 @@ def grpo_loss(
     logp = token_logprobs(logits, completion_ids, config.temperature)
     entropy = token_entropy(logits, config.temperature)
     mask = torch.ones_like(logp) if completion_mask is None else completion_mask.to(logp.dtype)
-    logp = logp * mask  # masked tokens have no log-prob: 0, as the fast paths return
+    logp = torch.where(mask > 0, logp, 0.0)  # masked tokens have no log-prob: 0 (not -inf * 0 = NaN)
     cast = {"dtype": logp.dtype}
     loss, metrics = grpo_objective(
         logp,

@@ -6,17 +6,28 @@ completion. ``prompts`` and ``completions`` are strings (or chat message lists f
 data); kwargs carry every dataset column except ``prompt`` (e.g. ``answer``), plus ``completion_ids``
 (list of token-id lists, EOS included). ``None`` means "this function does not apply to this sample":
 it becomes NaN and is left out of the weighted sum, as in TRL.
+
+Faults: a function that raises, returns something other than one finite float or None per completion
+(NaN and inf included), or does not return within ``timeout`` seconds is a ``RewardFunctionError``
+naming it (and the sample, when one sample is to blame). ``score_completions(on_error="skip")`` logs
+the error instead and scores that function's batch as None, so training continues.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import threading
+import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
 RewardFunction = Callable[..., list]
+ON_ERROR = ("raise", "skip")
+logger = logging.getLogger(__name__)
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _GSM8K = re.compile(r"####\s*([^\n]+)")
@@ -26,6 +37,10 @@ _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DO
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised or returned something unusable; the message names it and the sample."""
+
+
+class RewardTimeoutError(RewardFunctionError):
+    """A reward function did not return within the per-call timeout."""
 
 
 def completion_text(completion) -> str:
@@ -149,18 +164,30 @@ def reward_name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-def call_reward_function(fn: RewardFunction, prompts: list, completions: list, columns: dict) -> list[float]:
+def call_reward_function(
+    fn: RewardFunction, prompts: list, completions: list, columns: dict, timeout: float | None = None
+) -> list[float]:
     """Call ``fn`` once on the batch and check its result; None entries become NaN.
 
+    Args:
+        timeout: seconds the call may take (None = no limit). With a limit, ``fn`` runs in a daemon
+            worker thread; a call still running at the deadline is abandoned (Python cannot stop a
+            thread: it runs on in the background and its result is discarded). A function that needs
+            the main thread (``signal.alarm``-based time limits) needs ``timeout=None``.
     Raises:
+        RewardTimeoutError naming the function and the timeout.
         RewardFunctionError naming the function and the first sample it fails on, chained to the
-        original exception (the batch is re-run one sample at a time to find that sample).
+        original exception (the batch is re-run one sample at a time, within the same timeout, to find
+        that sample), or the first unusable value it returned (NaN, inf, a non-number; a wrong length).
     """
     name = reward_name(fn)
+    timeout = _check_timeout(timeout)
     try:
-        values = fn(prompts=prompts, completions=completions, **columns)
+        values = _call(fn, {"prompts": prompts, "completions": completions, **columns}, timeout)
+    except RewardTimeoutError:
+        raise
     except Exception as error:
-        index = _first_failing_sample(fn, prompts, completions, columns)
+        index = _first_failing_sample(fn, prompts, completions, columns, timeout)
         where = "" if index is None else f" on sample {index}: {_describe(prompts, completions, columns, index)}"
         raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}{where}") from error
     if not isinstance(values, (list, tuple)) or len(values) != len(completions):
@@ -172,24 +199,70 @@ def call_reward_function(fn: RewardFunction, prompts: list, completions: list, c
     for i, v in enumerate(values):
         if v is None:
             out.append(float("nan"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isinf(v):
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out.append(float(v))
         else:
             raise RewardFunctionError(
-                f"reward function {name!r} returned {v!r} for sample {i} (expected a finite "
-                f"float or None): {_describe(prompts, completions, columns, i)}"
+                f"reward function {name!r} returned {v!r} for sample {i} (expected a finite float, or None "
+                f"where the function does not apply): {_describe(prompts, completions, columns, i)}"
             )
+    if values and all(v is None for v in values):
+        warnings.warn(
+            f"reward function {name!r} returned None for every completion of a batch: it applies to none of "
+            "them and adds nothing to their rewards (is a dataset column it reads missing?)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return out
 
 
-def _first_failing_sample(fn, prompts, completions, columns) -> int | None:
-    for i in range(len(completions)):
+def _check_timeout(timeout) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be None or a finite number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _call(fn: RewardFunction, kwargs: dict, timeout: float | None):
+    """``fn(**kwargs)``; with a timeout, in a daemon thread that is abandoned at the deadline."""
+    if timeout is None:
+        return fn(**kwargs)
+    result: dict = {}
+
+    def run():
         try:
-            fn(
-                prompts=prompts[i : i + 1],
-                completions=completions[i : i + 1],
-                **{k: v[i : i + 1] for k, v in columns.items()},
-            )
+            result["value"] = fn(**kwargs)
+        except BaseException as error:  # re-raised in the caller's thread below
+            result["error"] = error
+
+    worker = threading.Thread(target=run, name=f"reward-{reward_name(fn)}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        n = len(kwargs["completions"])
+        raise RewardTimeoutError(
+            f"reward function {reward_name(fn)!r} did not return within the {timeout:g} s per-call timeout on a "
+            f"batch of {n} completion(s); the call was abandoned (it runs on in a background thread, its result "
+            "is discarded)"
+        )
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _first_failing_sample(fn, prompts, completions, columns, timeout: float | None = None) -> int | None:
+    """The first sample ``fn`` raises on alone; None if none does or ``timeout`` runs out first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for i in range(len(completions)):
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return None
+        try:
+            one = {k: v[i : i + 1] for k, v in columns.items()}
+            _call(fn, {"prompts": prompts[i : i + 1], "completions": completions[i : i + 1], **one}, remaining)
+        except RewardTimeoutError:
+            return None
         except Exception:
             return i
     return None
@@ -205,16 +278,35 @@ def _describe(prompts, completions, columns, i: int, limit: int = 200) -> str:
 
 
 def score_completions(
-    reward_funcs: Sequence[RewardFunction], weights: Sequence[float], prompts: list, completions: list, columns: dict
+    reward_funcs: Sequence[RewardFunction],
+    weights: Sequence[float],
+    prompts: list,
+    completions: list,
+    columns: dict,
+    timeout: float | None = None,
+    on_error: str = "raise",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of a batch: per function, and their weighted sum (TRL: NaN entries are skipped).
 
+    Args:
+        timeout: per-call limit in seconds for each reward function (see ``call_reward_function``).
+        on_error: "raise" a RewardFunctionError, or "skip": log it (logger ``grpo_fast.rewards``,
+            level WARNING) and score that function's whole batch as None, i.e. left out of the sum.
     Returns:
-        (per_function (B, F) float32 with NaN where a function returned None, total (B,) float32).
-        A sample for which every function returned None gets total 0.
+        (per_function (B, F) float32 with NaN where a function returned None or was skipped,
+        total (B,) float32). A sample for which every function returned None gets total 0.
     """
-    per_function = torch.tensor(
-        [call_reward_function(fn, prompts, completions, columns) for fn in reward_funcs], dtype=torch.float32
-    ).T.reshape(len(completions), len(reward_funcs))  # (B, F)
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    rows = []
+    for fn in reward_funcs:
+        try:
+            rows.append(call_reward_function(fn, prompts, completions, columns, timeout))
+        except RewardFunctionError as error:
+            if on_error == "raise":
+                raise
+            logger.warning("%s -> skipped: its rewards for this batch are None (left out of the sum)", error)
+            rows.append([float("nan")] * len(completions))
+    per_function = torch.tensor(rows, dtype=torch.float32).T.reshape(len(completions), len(reward_funcs))  # (B, F)
     weighted = per_function * torch.tensor(list(weights), dtype=torch.float32)  # (B, F)
     return per_function, torch.nansum(weighted, dim=1)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .decoding import LeanDecoder, unsupported_reason
 from .modeling import position_ids_from_mask
 
 
@@ -106,6 +107,7 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> Rollout:
     """Sample one completion per row of ``prompt_ids`` (repeat rows for G samples per prompt).
 
@@ -117,6 +119,9 @@ def generate(
         temperature: > 0 samples from softmax(logits / temperature); 0 is greedy decoding.
         top_p: nucleus mass in (0, 1]; top_k: keep the k most likely tokens (0 = all).
         generator: the random stream of the draws (on the model's device).
+        uniforms: optional (B, max_new_tokens) draws in (0, 1], one per row and position; the token of row
+            i at position t is then the inverse-CDF draw of ``uniforms[i, t]`` (instead of ``generator``),
+            so a row's sample does not depend on the other rows of the batch (see grpo_fast.engines).
     Returns:
         Rollout; completion_ids is (B, T) with T <= max_new_tokens.
     """
@@ -136,6 +141,7 @@ def generate(
             top_p,
             top_k,
             generator,
+            uniforms,
         )
     finally:
         model.train(was_training)
@@ -146,8 +152,13 @@ def generate(
     return Rollout(prompt_ids, prompt_mask, tokens, completion_mask, truncated)
 
 
-def _decode_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k, generator):
+def _decode_loop(
+    model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k, generator, uniforms=None
+):
     """(B, T) sampled tokens; pad after each row's EOS; stops early once every row is done."""
+    if unsupported_reason(model, prompt_ids.shape[1] + max_new_tokens) is None:
+        return _lean_decode_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k,
+                                 generator, uniforms)  # fmt: skip
     b, p = prompt_ids.shape
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], dim=1)  # (B, P + T_max)
     cache = DynamicCache(config=model.config)
@@ -164,7 +175,8 @@ def _decode_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, tempe
     tokens = prompt_ids.new_full((b, max_new_tokens), pad)
     done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     for t in range(max_new_tokens):
-        token = sample_next_token(out.logits[:, -1], temperature, top_p, top_k, generator)  # (B,)
+        uniform = None if uniforms is None else uniforms[:, t]
+        token = sample_next_token(out.logits[:, -1], temperature, top_p, top_k, generator, uniform)  # (B,)
         token = token.masked_fill(done, pad)
         tokens[:, t] = token
         done |= token == eos
@@ -180,10 +192,44 @@ def _decode_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, tempe
     return tokens
 
 
+def _lean_decode_loop(
+    model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k, generator, uniforms=None
+):
+    """``_decode_loop`` on the LeanDecoder (Llama-family models). Rows that have emitted EOS leave the batch
+    once they are a quarter of it, so a mostly finished batch stops paying for them (the random draws
+    then differ from the generic loop's, which keeps sampling, and discarding, for finished rows)."""
+    b, p = prompt_ids.shape
+    decoder = LeanDecoder(model, b, p + max_new_tokens)
+    positions = position_ids_from_mask(prompt_mask)  # (B, P)
+    logits = decoder.forward(prompt_ids, positions, prompt_mask.bool())  # (B, V)
+    next_position = positions[:, -1] + 1  # (B,)
+    tokens = prompt_ids.new_full((b, max_new_tokens), pad)
+    rows = torch.arange(b, device=prompt_ids.device)  # original index of each row still in the decoder
+    live = torch.ones(b, dtype=torch.bool, device=prompt_ids.device)  # per decoder row: no EOS yet
+    for t in range(max_new_tokens):
+        uniform = None if uniforms is None else uniforms[rows, t]  # per-row draws: unaffected by rows leaving
+        token = sample_next_token(logits, temperature, top_p, top_k, generator, uniform).masked_fill(~live, pad)
+        tokens[rows, t] = token
+        live &= token != eos
+        alive = int(live.sum())
+        if t + 1 == max_new_tokens or alive == 0:
+            return tokens[:, : t + 1]
+        if 4 * (len(rows) - alive) >= len(rows):
+            keep = live.nonzero().squeeze(1)
+            decoder.keep(keep)
+            rows, live, token, next_position = rows[keep], live[keep], token[keep], next_position[keep]
+        logits = decoder.forward(token[:, None], (next_position + t)[:, None], torch.ones_like(live)[:, None])
+    return tokens
+
+
 def sample_next_token(
-    logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None
+    logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None, uniform=None
 ) -> torch.Tensor:
-    """Draw one token per row from (B, V) logits. temperature 0 = argmax. Returns (B,) int64."""
+    """Draw one token per row from (B, V) logits. temperature 0 = argmax. Returns (B,) int64.
+
+    uniform: optional (B,) draws in (0, 1]: row i takes the first token whose cumulative probability
+    reaches uniform[i] (inverse CDF; a zero-probability token is never chosen), ignoring ``generator``.
+    """
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature  # (B, V)
@@ -198,4 +244,8 @@ def sample_next_token(
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
+    if uniform is not None:
+        cdf = probs.cumsum(-1)  # (B, V)
+        target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1), in (0, total]
+        return torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

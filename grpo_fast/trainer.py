@@ -13,9 +13,18 @@ current policy (num_iterations > 1) or are used (beta > 0).
 Field names follow TRL's GRPOConfig. A "step" here is one generation batch (``num_iterations``
 optimizer steps); with the default num_iterations = 1 that is TRL's global step.
 
-Determinism: every random draw of step s comes from generators seeded with (seed, s) and the data
-order is a fixed function of (seed, epoch), so a run resumed from a checkpoint reproduces the
-uninterrupted run bit for bit on CPU.
+Determinism: the G completions of a prompt are drawn from a generator seeded with (seed, step, the
+prompt's position in the training stream), the other random draws of step s from (seed, s), and the data
+order is a fixed function of (seed, epoch). So a run resumed from a checkpoint reproduces the
+uninterrupted run bit for bit on CPU, and N processes sample exactly what one process samples.
+
+Beyond one process and full fine-tuning:
+- torchrun (``grpo_fast.distributed``): prompts sharded across ranks (groups never split), DDP or FSDP2,
+  global normalisers, so N processes make the 1-process update (up to fp32 reduction order);
+- ``peft_config`` (LoRA): only the adapters train; the KL reference is the same model with its adapters
+  disabled; checkpoints hold the adapters;
+- ``engine`` / ``use_vllm`` (``grpo_fast.engines``): another sampler; when it returns sampling
+  log-probs, the loss gets TRL's rollout importance correction (``vllm_importance_sampling_*``).
 """
 
 from __future__ import annotations
@@ -40,14 +49,18 @@ from . import configio, evaluation
 from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LossConfig
+from .distributed import PARALLELISM, Dist, gathered, init_from_env, is_fsdp, no_sync, wrap_policy
+from .engines import SamplingSettings, build_engine
 from .evaluation import completion_id_lists, decode_completions, prompt_text
 from .linear import linear_grpo_loss, linear_token_logprobs
 from .modeling import backbone_and_head, completion_hidden
-from .rewards import RewardFunction, get_reward_function, reward_name, score_completions
-from .rollout import Rollout, encode_prompts, generate
+from .reference import rollout_importance_ratio
+from .rewards import ON_ERROR, RewardFunction, get_reward_function, reward_name, score_completions
+from .rollout import Rollout, encode_prompts
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 SCALE_REWARDS = ("group", "batch", "none")
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def _f(default, help: str):
@@ -75,11 +88,11 @@ class GRPOConfig:
     lr_scheduler_type: str = _f("constant", f"one of {LR_SCHEDULERS}, after the warm-up")
     warmup_ratio: float = _f(0.0, "linear warm-up as a fraction of all optimizer steps (warmup_steps wins if > 0)")
     warmup_steps: int = _f(0, "linear warm-up optimizer steps")
-    per_device_train_batch_size: int = _f(8, "completions per micro-batch (TRL meaning)")
+    per_device_train_batch_size: int = _f(8, "completions per micro-batch and process (TRL meaning)")
     gradient_accumulation_steps: int = _f(
         1,
         "micro-batches per optimizer step; one generation batch = "
-        "per_device_train_batch_size * gradient_accumulation_steps completions",
+        "per_device_train_batch_size * gradient_accumulation_steps completions per process",
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     bf16: bool | None = _f(None, "bf16 autocast; None = on when a CUDA device supports it. CUDA only")
@@ -101,12 +114,31 @@ class GRPOConfig:
     scale_rewards: str = _f("group", "group (divide by group std), batch, or none (Dr. GRPO, arXiv 2503.20783)")
     mask_truncated_completions: bool = _f(False, "drop completions without EOS from the loss (DAPO overlong filter)")
     reward_weights: tuple[float, ...] | None = _f(None, "one weight per reward function; None = all 1")
+    reward_timeout: float | None = _f(None, "seconds a reward function call may take (then an error); None = none")
+    on_reward_error: str = _f("raise", "reward function raised/hung/returned NaN: raise (stop) or skip (log it)")
     sync_ref_model: bool = _f(False, "mix the policy into the reference model (TR-DPO, arXiv 2404.09656)")
     ref_model_sync_steps: int = _f(512, "optimizer steps between reference syncs. R1 replaces it every 400")
     ref_model_mixup_alpha: float = _f(0.6, "ref <- alpha * policy + (1 - alpha) * ref at a sync. TR-DPO 0.6")
     dynamic_sampling: bool = _f(False, "DAPO: drop groups whose rewards are all equal and sample more prompts")
     max_dynamic_sampling_tries: int = _f(3, "generation rounds per step before training on what was kept")
     eval_max_new_tokens: int | None = _f(None, "length budget of evaluation; None = max_completion_length")
+    # several processes (torchrun; grpo_fast.distributed)
+    parallelism: str = _f("ddp", "with WORLD_SIZE > 1 (torchrun): ddp, or fsdp2 (parameters sharded)")
+    # rollout engine (grpo_fast.engines); TRL names
+    use_vllm: bool = _f(False, "sample with a colocated vLLM engine (the vllm extra; CUDA only)")
+    vllm_gpu_memory_utilization: float = _f(0.3, "share of the GPU memory the colocated vLLM engine may take")
+    vllm_max_model_length: int | None = _f(None, "vLLM context length; None = vLLM's default for the model")
+    vllm_importance_sampling_correction: bool = _f(
+        True, "correct the sampler/policy mismatch with the rollout IS ratio (when the engine returns log-probs)"
+    )
+    vllm_importance_sampling_mode: str = _f("sequence_mask", f"one of {VLLM_IS_MODES} (TRL default sequence_mask)")
+    vllm_importance_sampling_clip_max: float | None = _f(
+        3.0, "C_max: *_truncate clamps the ratio to it, *_mask zeroes ratios above it; None = no upper bound"
+    )
+    vllm_importance_sampling_clip_min: float | None = _f(
+        None, "C_min: *_truncate clamps the ratio to it, *_mask zeroes ratios below it; None = no lower bound"
+    )
+    vllm_importance_sampling_cap: float | None = _f(None, "deprecated TRL name of vllm_importance_sampling_clip_max")
 
     def __post_init__(self):
         for name in (
@@ -135,6 +167,9 @@ class GRPOConfig:
             self.lr_scheduler_type,
         )
         _check(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"one of {SCALE_REWARDS}", self.scale_rewards)
+        _check(self.reward_timeout is None or 0 < self.reward_timeout < math.inf, "reward_timeout", "None or > 0",
+               self.reward_timeout)  # fmt: skip
+        _check(self.on_reward_error in ON_ERROR, "on_reward_error", f"one of {ON_ERROR}", self.on_reward_error)
         batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
         _check(
             batch % self.num_generations == 0,
@@ -143,6 +178,18 @@ class GRPOConfig:
             batch,
         )
         self.loss_config()  # validates the objective's fields (loss_type, epsilon, delta, beta, ...)
+        _check(self.parallelism in PARALLELISM, "parallelism", f"one of {PARALLELISM}", self.parallelism)
+        _check(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "in (0, 1]",
+               self.vllm_gpu_memory_utilization)  # fmt: skip
+        if self.vllm_importance_sampling_cap is not None:  # TRL: the deprecated name overrides clip_max
+            object.__setattr__(self, "vllm_importance_sampling_clip_max", self.vllm_importance_sampling_cap)
+        mode, lo, hi = (self.vllm_importance_sampling_mode, self.vllm_importance_sampling_clip_min,
+                        self.vllm_importance_sampling_clip_max)  # fmt: skip
+        _check(mode in VLLM_IS_MODES, "vllm_importance_sampling_mode", f"one of {VLLM_IS_MODES}", mode)
+        _check(lo is None or hi is None or lo < hi, "vllm_importance_sampling_clip_min",
+               f"< vllm_importance_sampling_clip_max = {hi}", lo)  # fmt: skip
+        _check(not mode.endswith("truncate") or lo is not None or hi is not None,
+               "vllm_importance_sampling_clip_min or _clip_max", f"set for mode {mode!r}", None)  # fmt: skip
 
     @property
     def generation_batch_size(self) -> int:
@@ -201,12 +248,23 @@ class Batch:
     rollout: the sampled completions (B = groups * G rows).
     rewards: (B,) weighted reward; rewards_per_func: (B, F), NaN where a function returned None.
     advantages: (B,), set once the batch is final.
+    keys: (groups,) int64 position of each group's prompt in the training stream (the global order of
+        the groups, the same with any number of processes); None = 0, 1, 2, ...
+    sampling_logprobs: (B, T) the sampler's log-probs of the completion tokens, when the engine gives them.
     """
 
     rollout: Rollout
     rewards: torch.Tensor
     rewards_per_func: torch.Tensor
     advantages: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    sampling_logprobs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def group_keys(self, group_size: int) -> torch.Tensor:
+        return self.keys if self.keys is not None else torch.arange(len(self.rewards) // group_size)
 
     def group_std(self, group_size: int) -> torch.Tensor:
         """(groups,) Bessel-corrected reward std of each group."""
@@ -214,18 +272,30 @@ class Batch:
 
     def select_groups(self, groups: torch.Tensor, group_size: int) -> Batch:
         rows = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)  # (K * G,)
+        device = self.rollout.prompt_ids.device
         return Batch(
-            self.rollout.select(rows.to(self.rollout.prompt_ids.device)),
+            self.rollout.select(rows.to(device)),
             self.rewards[rows],
             self.rewards_per_func[rows],
+            keys=self.group_keys(group_size)[groups],
+            sampling_logprobs=None if self.sampling_logprobs is None else self.sampling_logprobs[rows.to(device)],
         )
 
     @staticmethod
-    def cat(batches: list[Batch], pad_token_id: int) -> Batch:
+    def cat(batches: list[Batch], pad_token_id: int, group_size: int = 1) -> Batch:
+        sampling, filled = None, [b for b in batches if len(b)]
+        if filled and all(b.sampling_logprobs is not None for b in filled):
+            batches = filled  # (empty batches carry no sampling log-probs)
+            width = max(b.rollout.completion_ids.shape[1] for b in batches)
+            sampling = torch.cat(
+                [nn.functional.pad(b.sampling_logprobs, (0, width - b.sampling_logprobs.shape[1])) for b in batches]
+            )
         return Batch(
             Rollout.cat([b.rollout for b in batches], pad_token_id),
             torch.cat([b.rewards for b in batches]),
             torch.cat([b.rewards_per_func for b in batches]),
+            keys=torch.cat([b.group_keys(group_size) for b in batches]),
+            sampling_logprobs=sampling,
         )
 
 
@@ -250,23 +320,55 @@ class GRPOTrainer:
             messages) and whatever columns the reward functions read.
         eval_dataset: optional held-out prompts, evaluated greedily every ``eval_steps`` and at the end.
         tokenizer: the model's tokenizer (needs pad and eos tokens); None = loaded from model.name_or_path.
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``): the model is wrapped with ``get_peft_model``
+            and only the adapters train; with beta > 0 the reference log-probs come from the same model
+            with its adapters disabled (no second copy). The LM head cannot be a LoRA target. A model
+            that already is a ``PeftModel`` is used as it is.
+        engine: the sampler (see grpo_fast.engines); None = ``HFEngine`` on the policy, or a colocated
+            ``VLLMEngine`` when ``config.use_vllm``.
+
+    Under torchrun (WORLD_SIZE > 1) the trainer joins the process group (gloo on CPU, nccl on CUDA) and
+    trains data-parallel (see grpo_fast.distributed); every rank must build the same initial model.
     """
 
-    def __init__(self, model, reward_funcs, config: GRPOConfig, train_dataset, eval_dataset=None, tokenizer=None):
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        config: GRPOConfig,
+        train_dataset,
+        eval_dataset=None,
+        tokenizer=None,
+        peft_config=None,
+        engine=None,
+    ):
         self.config = config
+        self.device = init_from_env(next(model.parameters()).device)  # joins torchrun's process group, if any
+        self.dist = Dist(self.device)
+        if next(model.parameters()).device != self.device:
+            model = model.to(self.device)  # torchrun on CUDA: this rank's GPU
+        if peft_config is not None:
+            model = _apply_peft(model, peft_config)
+        self.is_peft = _is_peft_model(model)
+        if self.is_peft and config.sync_ref_model:
+            raise ValueError("sync_ref_model needs a reference model of its own; with peft the reference is the "
+                             "base model (adapters disabled), which does not move")  # fmt: skip
         self.model = model
-        self.device = next(model.parameters()).device
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
+        self.base_model = model.get_base_model() if self.is_peft else model  # transformers model (+ LoRA layers)
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.base_model)
         self.reward_funcs = _reward_functions(reward_funcs)
         self.reward_weights = _reward_weights(config.reward_weights, len(self.reward_funcs))
         self.train_dataset = _as_dataset(train_dataset, "train_dataset")
         self.eval_dataset = None if eval_dataset is None else _as_dataset(eval_dataset, "eval_dataset")
-        self.backbone, self.head = backbone_and_head(model)
+        self.backbone, self.head = backbone_and_head(self.base_model)
         self.use_bf16 = _use_bf16(config.bf16, self.device)
-        self.loss_config = config.loss_config()
-        self.ref_model = _frozen_copy(model) if config.beta > 0 else None
+        # dapo/cispo divide by num_items_in_batch / world_size: see _optimizer_step for the other types
+        self.loss_config = config.loss_config().replace(world_size=self.dist.world_size)
+        self.ref_model = _frozen_copy(model) if config.beta > 0 and not self.is_peft else None
         if config.gradient_checkpointing:
-            _enable_checkpointing(model)
+            _enable_checkpointing(self.base_model)
+        # what the update's forward passes go through: DDP / FSDP2 with several processes
+        self._policy = wrap_policy(model, self.backbone, self.dist, config.parallelism)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.learning_rate,
@@ -276,7 +378,8 @@ class GRPOTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
         self.state = TrainerState(seed=config.seed)
-        self.generator = torch.Generator(self.device)
+        self.engine = engine if engine is not None else build_engine(config, model)
+        self._correction_stats = None  # this step's rollout-correction statistics (for the metrics)
         self.run_dir = Path(config.output_dir)
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the train rows)
 
@@ -285,108 +388,220 @@ class GRPOTrainer:
         """One GRPO iteration: sample G completions per prompt, reward, advantages, update the policy."""
         cfg, start = self.config, time.perf_counter()
         self._seed_step()
-        batch, sampled = self._sample_batch()  # G completions per prompt with their rewards
-        batch.advantages = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_rewards).to(self.device)
-        rollout_done = time.perf_counter()
-        # Old-policy log-probs only matter when the batch is reused (mu > 1); with mu = 1 they equal the
-        # current log-probs, which the loss detaches itself. Reference log-probs only when beta > 0.
-        old_logprobs = self._logprobs(self.model, batch) if cfg.num_iterations > 1 else None
-        ref_logprobs = self._logprobs(self.ref_model, batch) if self.ref_model is not None else None
-        updates = [self._optimizer_step(batch, old_logprobs, ref_logprobs) for _ in range(cfg.num_iterations)]
+        with gathered(self._policy):  # FSDP2: parameters stay gathered for sampling and forward-only passes
+            self.engine.sync_weights(self.model)
+            batch, sampled = self._sample_batch()  # G completions per prompt with their rewards
+            batch.advantages = self._advantages(batch)
+            rollout_done = time.perf_counter()
+            # Old-policy log-probs only matter when the batch is reused (mu > 1) or for the rollout
+            # correction; with mu = 1 they equal the current log-probs, which the loss detaches itself.
+            # Reference log-probs only when beta > 0.
+            correct = cfg.vllm_importance_sampling_correction and batch.sampling_logprobs is not None
+            old_logprobs = self._logprobs(self.base_model, batch) if cfg.num_iterations > 1 or correct else None
+            ratio, self._correction_stats = self._rollout_correction(batch, old_logprobs) if correct else (None, None)
+            ref_logprobs = self._ref_logprobs(batch) if cfg.beta > 0 else None
+        if cfg.num_iterations == 1:
+            old_logprobs = None  # on-policy: ratio exactly 1
+        updates = [self._optimizer_step(batch, old_logprobs, ref_logprobs, ratio) for _ in range(cfg.num_iterations)]
         self.state.step += 1
         self._sync_ref_model()
         times = {"rollout": rollout_done - start, "update": time.perf_counter() - rollout_done}
         return self._step_metrics(sampled, batch, updates, times)
 
     def _sample_batch(self) -> tuple[Batch, Batch]:
-        """(the batch to train on, everything sampled this step — for the logs).
+        """(this rank's batch to train on, everything this rank sampled this step — for the logs).
 
+        Every rank draws the global list of prompts (the list one process would draw) and samples its
+        contiguous share (``Dist.shard_bounds``); the G completions of a prompt stay on one rank.
         Without dynamic sampling both are one generation batch. With it (DAPO), groups whose rewards
         are all equal (zero advantage: no learning signal) are dropped and fresh prompts sampled, for at
         most ``max_dynamic_sampling_tries`` rounds; then the step trains on the groups kept (or, if none
-        has any spread, on the last round as it is).
+        has any spread, on the last round as it is). The counts behind these decisions are global.
         """
-        cfg, g = self.config, self.config.num_generations
-        kept, sampled = [], []
+        cfg, g, d, pad = self.config, self.config.num_generations, self.dist, self.tokenizer.pad_token_id
+        kept, sampled, kept_groups = [], [], 0
         while len(sampled) < cfg.max_dynamic_sampling_tries:
-            missing = cfg.prompts_per_step - sum(len(b.rewards) // g for b in kept)
-            sampled.append(self._rollout_and_score(self._next_prompts(missing)))
+            missing = cfg.prompts_per_step * d.world_size - kept_groups  # global count
+            first = self.state.data_cursor
+            rows = self._next_prompts(missing)
+            lo, hi = d.shard_bounds(missing)
+            keys = list(range(first + lo, first + hi))  # positions of this rank's prompts in the stream
+            sampled.append(self._rollout_and_score(rows[lo:hi], keys) if keys else self._empty_batch())
             if not cfg.dynamic_sampling:
                 return sampled[0], sampled[0]
             spread = (sampled[-1].group_std(g) > 0).nonzero().squeeze(1)
             kept.append(sampled[-1].select_groups(spread, g))
-            if missing == len(spread):
+            found = d.sum_int(len(spread))
+            kept_groups += found
+            if found == missing:
                 break
-        everything = Batch.cat(sampled, self.tokenizer.pad_token_id)
-        kept = [b for b in kept if len(b.rewards)]
-        return (Batch.cat(kept, self.tokenizer.pad_token_id) if kept else sampled[-1]), everything
+        everything = Batch.cat(sampled, pad, g)
+        return (Batch.cat(kept, pad, g) if kept_groups else sampled[-1]), everything
 
-    def _rollout_and_score(self, rows: list[int]) -> Batch:
-        """Sample G completions for each of the dataset rows ``rows`` and score them."""
+    def _empty_batch(self) -> Batch:
+        """A batch of no rows (a rank whose share of a dynamic-sampling round is empty)."""
+        none = torch.zeros((0, 1), dtype=torch.long, device=self.device)
+        rollout = Rollout(none, none, none, none, torch.zeros(0, dtype=torch.bool, device=self.device))
+        return Batch(rollout, torch.zeros(0), torch.zeros((0, len(self.reward_funcs))),
+                     keys=torch.zeros(0, dtype=torch.long))  # fmt: skip
+
+    def _advantages(self, batch: Batch) -> torch.Tensor:
+        """(B,) group advantages; with scale_rewards="batch" and several processes, the batch std is that of
+        every rank's rewards (gathered in stream order, so the result equals the 1-process one bit for bit)."""
+        cfg, g = self.config, self.config.num_generations
+        if not self.dist.enabled or cfg.scale_rewards != "batch":
+            return group_advantages(batch.rewards, g, cfg.scale_rewards).to(self.device)
+        parts = self.dist.gather_objects((batch.keys.cpu(), batch.rewards.cpu().view(-1, g)))
+        keys, rewards = torch.cat([k for k, _ in parts]), torch.cat([r for _, r in parts])
+        order = keys.argsort()
+        everyone = group_advantages(rewards[order].reshape(-1), g, "batch").view(-1, g)  # (all groups, G)
+        where = {k: i for i, k in enumerate(keys[order].tolist())}
+        return everyone[[where[k] for k in batch.keys.tolist()]].reshape(-1).to(self.device)
+
+    def _rollout_correction(self, batch: Batch, old_logprobs: torch.Tensor):
+        """(importance ratio for the loss, its statistics): TRL's vllm_importance_sampling_* correction,
+        rho = pi_old / pi_sampler per token (token_*) or per sequence (sequence_*), truncated or masked."""
+        cfg = self.config
+        level, mode = cfg.vllm_importance_sampling_mode.split("_")
+        mask = batch.rollout.completion_mask.float()
+        sampling = batch.sampling_logprobs.to(old_logprobs)
+        sampling = torch.where(sampling.isnan(), old_logprobs, sampling)  # tokens the engine did not score: rho 1
+        lo = cfg.vllm_importance_sampling_clip_min
+        hi = cfg.vllm_importance_sampling_clip_max
+        ratio = rollout_importance_ratio(old_logprobs, sampling, mask, level, mode, 0.0 if lo is None else lo,
+                                         math.inf if hi is None else hi)  # fmt: skip
+        on = mask.bool()
+        values = ratio.reshape(-1) if level == "sequence" else ratio[on]
+        delta = (old_logprobs - sampling).abs()[on]
+        stats = (values.numel(), float(values.sum()), float(values.min()) if values.numel() else math.inf,
+                 float(values.max()) if values.numel() else -math.inf, delta.numel(), float(delta.sum()),
+                 float(delta.max()) if delta.numel() else 0.0)  # fmt: skip
+        return ratio, stats
+
+    def _rollout_and_score(self, rows: list[int], keys: list[int] | None = None) -> Batch:
+        """Sample G completions for each of the dataset rows ``rows`` and score them.
+
+        keys: the rows' positions in the training stream (they seed each group's sampler); None = the
+        positions just consumed (the last len(rows) ones).
+        """
         cfg, g, tok = self.config, self.config.num_generations, self.tokenizer
         examples = self.train_dataset[rows]  # {column: [value per prompt]}
         prompts = [p for p in examples["prompt"] for _ in range(g)]  # (B,) = prompts x G, grouped
         ids, mask = encode_prompts(tok, [prompt_text(tok, p) for p in prompts], cfg.max_prompt_length, self.device)
+        if keys is None:
+            keys = list(range(self.state.data_cursor - len(rows), self.state.data_cursor))
+        settings = SamplingSettings(cfg.max_completion_length, tok.eos_token_id, tok.pad_token_id, cfg.temperature,
+                                    cfg.top_p, cfg.top_k)  # fmt: skip
         with self._autocast():
-            rollout = generate(
-                self.model,
-                ids,
-                mask,
-                cfg.max_completion_length,
-                tok.eos_token_id,
-                tok.pad_token_id,
-                cfg.temperature,
-                cfg.top_p,
-                cfg.top_k,
-                self.generator,
-            )
+            generation = self.engine.generate(ids, mask, self._group_seeds(keys), g, settings)
+        rollout = generation.rollout
         columns = {k: [v for v in values for _ in range(g)] for k, values in examples.items() if k != "prompt"}
         columns["completion_ids"] = completion_id_lists(rollout)
         completions = decode_completions(tok, columns["completion_ids"], prompts)
-        per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, prompts, completions, columns)
-        return Batch(rollout, rewards, per_func)
+        per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, prompts, completions, columns,
+                                              cfg.reward_timeout, cfg.on_reward_error)  # fmt: skip
+        return Batch(rollout, rewards, per_func, keys=torch.tensor(keys, dtype=torch.long),
+                     sampling_logprobs=generation.sampling_logprobs)  # fmt: skip
 
-    def _optimizer_step(self, batch: Batch, old_logprobs, ref_logprobs) -> dict[str, float]:
-        """Gradient accumulation over micro-batches, clipping, one AdamW step and one scheduler step."""
-        cfg = self.config
+    def _optimizer_step(self, batch: Batch, old_logprobs, ref_logprobs, importance_ratio=None) -> dict[str, float]:
+        """Gradient accumulation over micro-batches, clipping, one AdamW step and one scheduler step.
+
+        Normalisers are those of the whole generation batch, over every rank: dapo/cispo divide by its
+        number of loss tokens (num_items_in_batch); grpo, sapo, luspo and dr_grpo by its number of
+        sequences (the loss function divides a micro-batch by its own rows * GA, so the loss is rescaled
+        by world_size * rows * GA / all rows: exactly 1 for equal, full micro-batches); bnpo keeps TRL's
+        per-micro-batch token mean. DDP/FSDP average gradients over the ranks, hence the factor
+        world_size (for dapo/cispo via LossConfig.world_size): the averaged gradient is the gradient of the
+        1-process loss. Every rank runs as many forward/backward passes as the rank with the most
+        micro-batches (zero-loss passes where it has none left), so the gradient all-reduces pair up.
+        """
+        cfg, d = self.config, self.dist
         mask = self._loss_mask(batch.rollout)  # (B, T)
-        num_items = mask.sum().clamp(min=1)  # tokens in the whole generation batch (dapo/cispo normaliser)
+        counts = d.all_reduce(torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64))
+        num_items = max(float(counts[0]), 1.0)  # loss tokens in the global generation batch (dapo/cispo)
+        all_rows = float(counts[1])
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = defaultdict(float)
         micro_batches = self._micro_batches(batch)
-        for rows in micro_batches:
-            r = batch.rollout.select(rows).trim()
-            t = r.completion_ids.shape[1]
-            with self._autocast():
-                hidden = completion_hidden(self.backbone, r.prompt_ids, r.prompt_mask, r.completion_ids)  # (b, t, H)
-            out = linear_grpo_loss(
-                hidden,
-                self.head.weight,
-                r.completion_ids,
-                batch.advantages[rows],
-                mask[rows, :t],
-                _rows(old_logprobs, rows, t),
-                _rows(ref_logprobs, rows, t),
-                bias=self.head.bias,
-                config=self.loss_config,
-                num_items_in_batch=num_items,
-            )
-            out.loss.backward()
-            sums["loss"] += out.loss.item()
+        passes = d.max_int(len(micro_batches)) if d.enabled else len(micro_batches)
+        loss_sum, weighted, weights = 0.0, defaultdict(float), defaultdict(float)
+        for i in range(passes):
+            with no_sync(self._policy, skip=i < passes - 1):  # gradients are reduced in the last pass only
+                if i >= len(micro_batches):
+                    self._idle_backward()
+                    continue
+                rows = micro_batches[i]
+                r = batch.rollout.select(rows).trim()
+                t = r.completion_ids.shape[1]
+                with self._autocast():
+                    hidden = self._policy(r.prompt_ids, r.prompt_mask, r.completion_ids)  # (b, t, H)
+                out = linear_grpo_loss(
+                    hidden,
+                    self.head.weight,
+                    r.completion_ids,
+                    batch.advantages[rows],
+                    mask[rows, :t],
+                    _rows(old_logprobs, rows, t),
+                    _rows(ref_logprobs, rows, t),
+                    bias=self.head.bias,
+                    config=self.loss_config,
+                    importance_ratio=_ratio_rows(importance_ratio, rows, t),
+                    num_items_in_batch=num_items,
+                )
+                scale = self._loss_scale(len(rows), all_rows)
+                loss = out.loss if scale == 1.0 else out.loss * scale
+                loss.backward()
+            loss_sum += loss.item()
+            tokens, sequences = float(mask[rows, :t].sum()), float(len(rows))
             for name, value in out.metrics.items():
-                sums[name] += float(value) / len(micro_batches)
+                w = sequences if self._per_sequence_metric(name) else tokens
+                weighted[name] += float(value) * w
+                weights[name] += w
+        sums = self._reduce_update_metrics(loss_sum, weighted, weights)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         sums["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         return sums
 
+    def _loss_scale(self, rows: int, all_rows: float) -> float:
+        """Factor on a micro-batch's loss so that the rank-averaged gradient is the global one (see above)."""
+        if self.config.loss_type in ("grpo", "sapo", "luspo", "dr_grpo"):
+            return self.dist.world_size * rows * self.config.gradient_accumulation_steps / all_rows
+        return 1.0  # dapo/cispo: LossConfig.world_size; bnpo: per-micro-batch mean (TRL)
+
+    def _per_sequence_metric(self, name: str) -> bool:
+        """Metrics that are means over sequences (sequence-level clip fractions), not over tokens."""
+        return self.config.importance_sampling_level == "sequence" and "clip_ratio" in name
+
+    def _reduce_update_metrics(self, loss_sum: float, weighted: dict, weights: dict) -> dict[str, float]:
+        """Loss (summed over micro-batches, averaged over ranks as the gradient is) and the token- (or
+        sequence-) weighted means of the loss metrics over the whole generation batch."""
+        parts = self.dist.gather_objects((loss_sum, dict(weighted), dict(weights)))
+        out = {"loss": sum(p[0] for p in parts) / self.dist.world_size}
+        for name in dict.fromkeys(n for p in parts for n in p[1]):
+            total = sum(p[2].get(name, 0.0) for p in parts)
+            out[name] = sum(p[1].get(name, 0.0) for p in parts) / total if total > 0 else 0.0
+        return out
+
+    def _idle_backward(self) -> None:
+        """A zero-loss forward/backward on a one-token row: this rank has no micro-batch left but must join
+        the gradient all-reduce (dynamic sampling can leave ranks with different numbers of rows)."""
+        one = torch.full((1, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
+        with self._autocast():
+            hidden = self._policy(one, torch.ones_like(one), one)
+        zero = hidden.float().sum() * 0.0
+        for p in (self.head.weight, self.head.bias):
+            if p is not None and p.requires_grad:
+                zero = zero + p.sum() * 0.0
+        zero.backward()
+
     @torch.no_grad()
     def _logprobs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(B, T) per-token log-probs of the completions under ``model`` (forward only, chunked head)."""
-        backbone, head = backbone_and_head(model)
+        backbone, head = (self.backbone, self.head) if model is self.base_model else backbone_and_head(model)
         logprobs = torch.zeros(batch.rollout.completion_ids.shape, device=self.device)  # (B, T)
         for rows in self._micro_batches(batch):
             r = batch.rollout.select(rows).trim()
@@ -397,10 +612,19 @@ class GRPOTrainer:
             logprobs[rows, : r.completion_ids.shape[1]] = stats.logprobs
         return logprobs
 
+    def _ref_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Reference log-probs: the frozen copy, or (peft) the policy with its adapters disabled."""
+        if self.ref_model is not None:
+            return self._logprobs(self.ref_model, batch)
+        with self.model.disable_adapter():
+            return self._logprobs(self.base_model, batch)
+
     def _micro_batches(self, batch: Batch) -> list[torch.Tensor]:
         """Row indices of each micro-batch, rows sorted by completion length so that each micro-batch,
         cut to its own longest completion, carries little padding. The loss is unchanged: its normalisers
         are per sequence or over the whole generation batch (except bnpo's per-micro-batch token mean)."""
+        if len(batch) == 0:
+            return []
         order = batch.rollout.lengths.argsort(stable=True)
         return list(order.split(self.config.per_device_train_batch_size))
 
@@ -440,30 +664,50 @@ class GRPOTrainer:
         return rows
 
     def _seed_step(self) -> None:
-        """Seed the sampler and torch's global RNG from (seed, step): resumes need no RNG replay."""
-        step_seed = _mix(self.config.seed, self.state.step, 0)
-        self.generator.manual_seed(step_seed)
-        torch.manual_seed(step_seed)
+        """Seed torch's global RNG from (seed, step): resumes need no RNG replay. (Sampling draws from one
+        generator per prompt group: ``_group_seeds``.)"""
+        torch.manual_seed(_mix(self.config.seed, self.state.step, 0))
+
+    def _group_seeds(self, keys: list[int]) -> list[int]:
+        """Sampler seeds of the groups whose prompts sit at stream positions ``keys``: a function of (seed,
+        step, position) only, so what a group samples depends neither on the other prompts in its batch
+        nor on the number of processes."""
+        step_seed = _mix(self.config.seed, self.state.step, 2)
+        return [_mix(step_seed, key, 0) for key in keys]
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
     # ----------------------------------------------------------------- metrics, training loop, checkpoints
-    def _step_metrics(self, sampled: Batch, batch: Batch, updates: list[dict], times: dict) -> dict[str, float]:
-        """Per-step metrics under TRL's names (rewards over everything sampled, loss terms averaged)."""
+    def _gather_sampled(self, sampled: Batch):
+        """(rewards, rewards_per_func, lengths, truncated) of what every rank sampled, in stream order."""
         g = self.config.num_generations
-        lengths = sampled.rollout.lengths.float()
-        truncated = sampled.rollout.truncated
+        fields = (sampled.rewards.cpu(), sampled.rewards_per_func.cpu(), sampled.rollout.lengths.cpu(),
+                  sampled.rollout.truncated.cpu())  # fmt: skip
+        if not self.dist.enabled:
+            return fields
+        parts = self.dist.gather_objects((sampled.group_keys(g).cpu(), *fields))
+        order = torch.cat([p[0] for p in parts]).argsort()
+        rows = (order[:, None] * g + torch.arange(g)).reshape(-1)
+        return tuple(torch.cat([p[i] for p in parts])[rows] for i in range(1, 5))
+
+    def _step_metrics(self, sampled: Batch, batch: Batch, updates: list[dict], times: dict) -> dict[str, float]:
+        """Per-step metrics under TRL's names (rewards over everything sampled by every rank, loss terms
+        averaged over the generation batch)."""
+        g = self.config.num_generations
+        rewards, per_func, lengths, truncated = self._gather_sampled(sampled)
+        lengths = lengths.float()
+        group_std = rewards.view(-1, g).std(1) if g > 1 else torch.zeros(len(rewards))
         step_time = times["rollout"] + times["update"]
         metrics = {
             "step": self.state.step,
-            "reward": float(sampled.rewards.mean()),
-            "reward_std": float(sampled.group_std(g).mean()),
-            "frac_reward_zero_std": float((sampled.group_std(g) == 0).float().mean()),
+            "reward": float(rewards.mean()),
+            "reward_std": float(group_std.mean()),
+            "frac_reward_zero_std": float((group_std == 0).float().mean()),
         }
         for i, fn in enumerate(self.reward_funcs):
-            metrics[f"rewards/{reward_name(fn)}/mean"] = float(sampled.rewards_per_func[:, i].nanmean())
-            metrics[f"rewards/{reward_name(fn)}/std"] = float(_nanstd(sampled.rewards_per_func[:, i]))
+            metrics[f"rewards/{reward_name(fn)}/mean"] = float(per_func[:, i].nanmean())
+            metrics[f"rewards/{reward_name(fn)}/std"] = float(_nanstd(per_func[:, i]))
         for name in updates[0]:
             metrics[name] = sum(u[name] for u in updates) / len(updates)
         metrics.update(
@@ -472,7 +716,7 @@ class GRPOTrainer:
                 "completions/min_length": float(lengths.min()),
                 "completions/max_length": float(lengths.max()),
                 "completions/clipped_ratio": float(truncated.float().mean()),
-                "num_groups_trained": len(batch.rewards) // g,
+                "num_groups_trained": self.dist.sum_int(len(batch.rewards) // g),
                 "tokens_per_second": float(lengths.sum()) / step_time,
                 "step_time": step_time,
                 "time/rollout": times["rollout"],
@@ -480,15 +724,29 @@ class GRPOTrainer:
                 "peak_memory_mib": peak_memory_mib(self.device),
             }
         )
+        if self._correction_stats is not None:
+            metrics.update(self._correction_metrics(self._correction_stats))
         return metrics
+
+    def _correction_metrics(self, stats) -> dict[str, float]:
+        """TRL's sampling/* metrics of the rollout importance correction, over every rank."""
+        parts = self.dist.gather_objects(stats)
+        n, total, delta_n, delta_total = (sum(p[i] for p in parts) for i in (0, 1, 4, 5))
+        return {
+            "sampling/sampling_logp_difference/mean": delta_total / delta_n if delta_n else 0.0,
+            "sampling/sampling_logp_difference/max": max(p[6] for p in parts),
+            "sampling/importance_sampling_ratio/min": min(p[2] for p in parts) if n else 0.0,
+            "sampling/importance_sampling_ratio/mean": total / n if n else 0.0,
+            "sampling/importance_sampling_ratio/max": max(p[3] for p in parts) if n else 0.0,
+        }
 
     def evaluate(self, dataset=None) -> dict[str, float]:
         """Greedy mean reward of each reward function on ``dataset`` (default eval_dataset), as eval/..."""
         dataset = self.eval_dataset if dataset is None else _as_dataset(dataset, "dataset")
         cfg = self.config
-        with self._autocast():
+        with self._autocast(), gathered(self._policy):
             out = evaluation.evaluate(
-                self.model,
+                self.base_model,
                 self.tokenizer,
                 dataset,
                 self.reward_funcs,
@@ -500,24 +758,29 @@ class GRPOTrainer:
     def train(self, resume_from_checkpoint: bool | str | None = None) -> dict[str, float]:
         """Run until ``max_steps``; returns the last step's metrics (plus the final evaluation).
 
+        With several processes only rank 0 evaluates (every rank with FSDP2, whose forward passes are
+        collective), writes metrics.jsonl and checkpoints and shows the progress bar.
+
         Args:
             resume_from_checkpoint: a checkpoint directory, or True for the latest one in output_dir
                 (starting fresh when there is none).
         """
-        cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg, main = self.config, self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._resume(resume_from_checkpoint)
-        log = MetricsLog(self.run_dir / "metrics.jsonl", keep_up_to_step=self.state.step)
+        log = MetricsLog(self.run_dir / "metrics.jsonl", keep_up_to_step=self.state.step) if main else None
         metrics: dict[str, float] = {}
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
+                   disable=not main)  # fmt: skip
         with bar:
             while self.state.step < cfg.max_steps:
                 metrics = self.step()
                 step, last = self.state.step, self.state.step == cfg.max_steps
                 evaluating = self.eval_dataset is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last)
-                if evaluating:
+                if evaluating and (main or is_fsdp(self._policy)):
                     metrics.update(self.evaluate())
-                if step % cfg.logging_steps == 0 or evaluating or last:
+                if log is not None and (step % cfg.logging_steps == 0 or evaluating or last):
                     log.write(metrics)
                     bar.write(format_metrics(metrics, cfg.max_steps))
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", refresh=False)
@@ -527,29 +790,45 @@ class GRPOTrainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
-        """Atomically write output_dir/checkpoint-<step> (model, tokenizer, optimizer, scheduler, RNG, state)."""
-        return save_checkpoint(
-            self.run_dir,
-            self.state.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            dataclasses.asdict(self.state),
-            self.tokenizer,
-            {"grpo_config.yaml": self.config.to_yaml()},
-            self.ref_model,
-        )
+        """Atomically write output_dir/checkpoint-<step> (model, tokenizer, optimizer, scheduler, RNG, state).
+
+        With peft the model part is the adapters (adapter_model.safetensors + adapter_config.json, loadable
+        with ``PeftModel.from_pretrained`` on the base model). Rank 0 writes; every rank waits for it.
+        """
+        model, optimizer = self.model, self.optimizer
+        if is_fsdp(self._policy):  # gather full (unsharded) state dicts: collective, on every rank
+            model, optimizer = _fsdp_full_state(self.model, self.optimizer)
+        path = self.run_dir / f"checkpoint-{self.state.step}"
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.run_dir,
+                self.state.step,
+                model,
+                optimizer,
+                self.scheduler,
+                dataclasses.asdict(self.state),
+                self.tokenizer,
+                {"grpo_config.yaml": self.config.to_yaml()},
+                self.ref_model,
+            )
+        self.dist.barrier()
+        return path
 
     def _resume(self, resume_from_checkpoint) -> None:
         if not resume_from_checkpoint:
             return
         path = latest_checkpoint(self.run_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
         if path is None:
-            print(f"no checkpoint in {self.run_dir}; starting from step 0", file=sys.stderr)
+            if self.dist.is_main:
+                print(f"no checkpoint in {self.run_dir}; starting from step 0", file=sys.stderr)
             return
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ref_model)
+        if is_fsdp(self._policy):
+            state = _fsdp_load(path, self.model, self.optimizer, self.scheduler, self.ref_model)
+        else:
+            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ref_model)
         self.state = TrainerState(**state)
-        print(f"resumed from {path} at step {self.state.step}", file=sys.stderr)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.state.step}", file=sys.stderr)
 
 
 class MetricsLog:
@@ -622,6 +901,97 @@ def _mix(seed: int, step: int, stream: int) -> int:
 
 def _rows(x: torch.Tensor | None, rows: torch.Tensor, width: int) -> torch.Tensor | None:
     return None if x is None else x[rows, :width]
+
+
+def _ratio_rows(ratio: torch.Tensor | None, rows: torch.Tensor, width: int) -> torch.Tensor | None:
+    """The micro-batch's rows of a (B, T) token-level or (B, 1) sequence-level importance ratio."""
+    if ratio is None:
+        return None
+    return ratio[rows] if ratio.shape[1] == 1 else ratio[rows, :width]
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("peft_config", "get_base_model", "disable_adapter"))
+
+
+def _apply_peft(model: nn.Module, peft_config) -> nn.Module:
+    """``get_peft_model(model, peft_config)``, refusing adapters on the LM head (the fused loss reads the
+    head's weight directly, so an adapter there would be silently ignored by the loss)."""
+    try:
+        from peft import get_peft_model
+        from peft.tuners.tuners_utils import check_target_module_exists
+    except ImportError as error:
+        raise ImportError("peft_config needs the peft package: pip install 'grpo-fast[peft]'") from error
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head and n), "lm_head")
+    targeted = getattr(peft_config, "target_modules", None) is not None and check_target_module_exists(
+        peft_config, name
+    )
+    saved = any(name == m or name.endswith("." + m) for m in getattr(peft_config, "modules_to_save", None) or ())
+    if targeted or saved:
+        raise ValueError(
+            f"peft_config adapts the LM head {name!r} (target_modules / modules_to_save): LoRA on the LM head is "
+            "not supported (the fused loss uses lm_head.weight directly); leave it out of target_modules"
+        )
+    return get_peft_model(model, peft_config)
+
+
+def _fsdp_full_state(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """(model, optimizer) stand-ins whose save_pretrained / state_dict give the full, unsharded state of an
+    FSDP2-sharded model (gathered here, on every rank, to CPU)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+
+    class FullModel:
+        def save_pretrained(self, path):
+            model.save_pretrained(path, state_dict=model_state)
+
+    class FullOptimizer:
+        def state_dict(self):
+            return optimizer_state
+
+    return FullModel(), FullOptimizer()
+
+
+def _fsdp_load(path: Path, model, optimizer, scheduler, ref_model) -> dict:
+    """load_checkpoint for an FSDP2-sharded model: every rank reads the full state and keeps its shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from .checkpoint import STATE_FILE, set_rng_state
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    if hasattr(model, "peft_config") and (path / "adapter_model.safetensors").exists():
+        # the file's names lack the adapter name that the model's parameter names carry
+        saved = load_file(str(path / "adapter_model.safetensors"))
+        adapter = f".{model.active_adapter}"
+        names = {k.replace(adapter, ""): k for k in get_model_state_dict(model) if "lora_" in k}
+        if set(saved) != set(names):
+            raise ValueError(f"{path}: adapters do not match the model ({sorted(set(saved) ^ set(names))})")
+        set_model_state_dict(model, {names[k]: v for k, v in saved.items()}, options=options)
+    else:
+        set_model_state_dict(model, load_file(str(path / "model.safetensors")), options=options)
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if ref_model is not None:
+        from safetensors.torch import load_model
+
+        load_model(ref_model, str(path / "ref_model.safetensors"), device=str(next(ref_model.parameters()).device))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / STATE_FILE).read_text())
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, data):
 def test_truncated_completions_can_be_left_out_of_the_loss(tmp_path, data):
     """DAPO's overlong filter: completions without EOS get no loss tokens; the others keep theirs."""
     tok, model = tiny()
-    cfg = config(tmp_path, max_completion_length=3, mask_truncated_completions=True)
+    cfg = config(tmp_path, max_completion_length=3, mask_truncated_completions=True, per_device_train_batch_size=32)
     trainer = GRPOTrainer(model, digit_share, cfg, data["train"], tokenizer=tok)
     trainer._seed_step()
     rollout = trainer._sample_batch()[0].rollout

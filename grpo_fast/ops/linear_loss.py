@@ -47,7 +47,8 @@ class Workspace:
         v = weight.shape[0]
         self.z = torch.empty(chunk, v, dtype=torch.float32, device=weight.device)
         self.p = torch.empty_like(self.z)
-        low = weight.dtype if weight.dtype == hidden_dtype else torch.float32
+        # bf16 GEMMs with fp32 accumulation; fp16 runs in fp32 (fp16 logits overflow beyond 65504)
+        low = weight.dtype if weight.dtype == hidden_dtype == torch.bfloat16 else torch.float32
         self.z_low = None if low == torch.float32 else torch.empty(chunk, v, dtype=low, device=weight.device)
         # one vocabulary block of a chunk's grad_W product, in low precision (a (V, H) one would be 272 MB
         # for Qwen2.5-0.5B's head in bf16)
@@ -67,25 +68,29 @@ class Workspace:
         return z
 
 
-def chunk_stats(z: torch.Tensor, ids: torch.Tensor, inv_tau: float, p_out: torch.Tensor):
-    """Row statistics of float32 logits z (C, V), overwriting z with log p = z / tau - lse.
+def chunk_stats(z: torch.Tensor, ids: torch.Tensor, inv_tau: float, logp_out: torch.Tensor):
+    """Row statistics of float32 logits z (C, V): log p = z / tau - lse into ``logp_out``, then p into z.
 
-    Returns (logp (C,), entropy (C,), p (C, V) written into p_out), all float32.
+    One fused log-softmax pass (row max, sum of exponentials, write) and one exp pass; no temporaries.
+    Returns (logp (C,), entropy (C,), p (C, V) = z, log p (C, V) = logp_out[:C]), all float32.
     """
     if inv_tau != 1.0:
         z.mul_(inv_tau)
-    m = z.amax(dim=-1, keepdim=True)  # (C, 1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays -inf, not NaN
-    z.sub_(m)
-    p = torch.exp(z, out=p_out[: z.shape[0]])  # (C, V) unnormalised
-    s = p.sum(-1, keepdim=True)  # (C, 1)
-    p.div_(s)
-    z.sub_(torch.log(s))  # z is now log p
-    entropy = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)  # sum_v p log p, no (C, V) temporary
+    logp_v = torch._log_softmax(z, 1, False, out=logp_out[: z.shape[0]])  # (C, V)
+    p = torch.exp(logp_v, out=z)
+    entropy = -torch.bmm(p.unsqueeze(1), logp_v.unsqueeze(2)).view(-1)  # sum_v p log p, no (C, V) temporary
     if torch.isnan(entropy).any():  # only a -inf logit (p = 0, log p = -inf) gets here: it adds 0
-        entropy = -torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
-    logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return logp, entropy, p
+        entropy = -torch.where(p > 0, p * logp_v, torch.zeros_like(p)).sum(-1)
+    logp = logp_v.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return logp, entropy, p, logp_v
+
+
+def chunk_logprobs(z: torch.Tensor, ids: torch.Tensor, inv_tau: float, logp_out: torch.Tensor) -> torch.Tensor:
+    """(C,) log-probabilities of ``ids`` under float32 logits z (C, V) / tau: one fused log-softmax pass."""
+    if inv_tau != 1.0:
+        z.mul_(inv_tau)
+    logp_v = torch._log_softmax(z, 1, False, out=logp_out[: z.shape[0]])
+    return logp_v.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
 def chunk_grad_logits(logp_v, p, entropy, ids, dlogp, dent, inv_tau: float) -> torch.Tensor:
@@ -93,7 +98,7 @@ def chunk_grad_logits(logp_v, p, entropy, ids, dlogp, dent, inv_tau: float) -> t
     if dent is None or not bool((dent != 0).any()):
         g = p.mul_((-dlogp * inv_tau).unsqueeze(-1))
     else:
-        logp_v = torch.where(p > 0, logp_v, torch.zeros_like(logp_v))
+        logp_v.masked_fill_(logp_v.isneginf(), 0.0)  # p log p -> 0 where p = 0
         g = logp_v.add_(entropy.unsqueeze(-1)).mul_(dent.unsqueeze(-1)).add_(dlogp.unsqueeze(-1))
         g.mul_(p).mul_(-inv_tau)
     g.scatter_add_(-1, ids.unsqueeze(-1), (dlogp * inv_tau).unsqueeze(-1))
@@ -131,10 +136,12 @@ def forward_stats(hidden2d, weight, bias, ids, rows, inv_tau: float, chunk: int,
     for start in range(0, rows.numel(), chunk):
         r = rows[start : start + chunk]
         z = ws.logits(hidden2d[r], weight, bias)
-        lp, ent, _ = chunk_stats(z, ids[r], inv_tau, ws.p)
-        logp[start : start + r.numel()] = lp
         if with_entropy:
+            lp, ent, _, _ = chunk_stats(z, ids[r], inv_tau, ws.p)
             entropy[start : start + r.numel()] = ent
+        else:
+            lp = chunk_logprobs(z, ids[r], inv_tau, ws.p)
+        logp[start : start + r.numel()] = lp
     return logp, entropy
 
 
@@ -154,11 +161,11 @@ class LinearGRPOFunction(torch.autograd.Function):
             r = rows[start : start + chunk]
             h_c = hidden2d[r]  # (C, H)
             z = ws.logits(h_c, weight, bias)
-            lp, ent, p = chunk_stats(z, ids[r], inv_tau, ws.p)
+            lp, ent, p, logp_v = chunk_stats(z, ids[r], inv_tau, ws.p)
             d_lp, d_ent = chunk_coefficients(objective, logp_all, ent_all, r, lp, ent)
             logp_all.view(-1)[r] = lp
             ent_all.view(-1)[r] = ent
-            g = chunk_grad_logits(z, p, ent, ids[r], d_lp, d_ent, inv_tau)  # (C, V) float32
+            g = chunk_grad_logits(logp_v, p, ent, ids[r], d_lp, d_ent, inv_tau)  # (C, V) float32
             _accumulate_grads(g, h_c, weight, r, grad_h, grad_w, grad_b, ws)
         loss, metrics = objective(logp_all, ent_all)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -1,0 +1,122 @@
+"""LeanDecoder (grpo_fast/decoding.py) against the model's own full forward pass, and the rollout loop on it.
+
+Each architecture is a tiny random model built from a transformers config (no download): Qwen2 (biases
+on q/k/v), Llama with grouped-query attention, Qwen3 (per-head q/k norms), Mistral. The logits of every
+incremental step must equal the full-sequence forward's logits at that position, with left padding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from grpo_fast import rollout
+from grpo_fast.decoding import LeanDecoder, unsupported_reason
+from grpo_fast.modeling import position_ids_from_mask
+
+V = 23
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64)
+CONFIGS = {
+    "qwen2": lambda: Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=4),
+    "llama_gqa": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": lambda: Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+    "mistral": lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
+}
+
+
+def _model(name: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = CONFIGS[name]()
+    config._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _batch(b=5, p=7, t=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (b, p + t), generator=g)
+    mask = torch.ones(b, p + t, dtype=torch.long)
+    mask[1 % b, :3] = 0  # left padding of different widths
+    mask[3 % b, :6] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_incremental_logits_equal_full_forward(name):
+    model = _model(name)
+    ids, mask = _batch()
+    b, n = ids.shape
+    p = 7
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # (B, L, V)
+    decoder = LeanDecoder(model, b, n)
+    logits = decoder.forward(ids[:, :p], positions[:, :p], mask[:, :p].bool())
+    torch.testing.assert_close(logits, full[:, p - 1], rtol=1e-5, atol=1e-5)
+    for t in range(p, n):
+        logits = decoder.forward(ids[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1].bool())
+        torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_keep_drops_rows_without_changing_the_others():
+    model = _model("llama_gqa")
+    ids, mask = _batch()
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    decoder = LeanDecoder(model, ids.shape[0], ids.shape[1])
+    decoder.forward(ids[:, :7], positions[:, :7], mask[:, :7].bool())
+    rows = torch.tensor([0, 3, 4])
+    decoder.keep(rows)
+    logits = decoder.forward(ids[rows, 7:8], positions[rows, 7:8], mask[rows, 7:8].bool())
+    torch.testing.assert_close(logits, full[rows, 7], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_rollout_same_tokens_as_the_generic_loop(monkeypatch):
+    """Greedy decoding (temperature 0) through the lean loop and through the DynamicCache loop give the
+    same completions, EOS handling and padding included."""
+    model = _model("qwen2")
+    ids, mask = _batch(b=6, p=9, t=0, seed=4)
+    lean = rollout.generate(model, ids, mask, 12, eos_token_id=5, pad_token_id=0, temperature=0.0)
+    monkeypatch.setattr(rollout, "unsupported_reason", lambda *args: "forced generic path")
+    generic = rollout.generate(model, ids, mask, 12, eos_token_id=5, pad_token_id=0, temperature=0.0)
+    assert torch.equal(lean.completion_ids, generic.completion_ids)
+    assert torch.equal(lean.completion_mask, generic.completion_mask)
+    assert torch.equal(lean.truncated, generic.truncated)
+
+
+def test_rows_leaving_the_batch_keep_their_tokens():
+    """With an EOS that most rows hit early, the lean loop drops finished rows from its cache; every row's
+    greedy tokens must still equal those of a batch where no row is dropped (each row decoded alone)."""
+    model = _model("qwen2")
+    ids, mask = _batch(b=6, p=9, t=0, seed=4)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+    eos = int(first.argmax(-1).mode().values)  # the most common first greedy token: several rows stop at once
+    batch = rollout.generate(model, ids, mask, 10, eos_token_id=eos, pad_token_id=0, temperature=0.0)
+    assert int(batch.completion_mask[:, 1:].sum()) < batch.completion_mask[:, 1:].numel()  # some rows stopped
+    for i in range(ids.shape[0]):
+        alone = rollout.generate(model, ids[i : i + 1, mask[i].argmax() :], mask[i : i + 1, mask[i].argmax() :], 10,
+                                 eos_token_id=eos, pad_token_id=0, temperature=0.0)  # fmt: skip
+        t = alone.completion_ids.shape[1]
+        assert torch.equal(batch.completion_ids[i, :t], alone.completion_ids[0])
+        assert bool((batch.completion_ids[i, t:] == 0).all())
+
+
+def test_unsupported_models_use_the_generic_loop():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=1)
+    ).eval()
+    assert "model_type" in unsupported_reason(gpt2, 20)
+    with pytest.raises(ValueError, match="LeanDecoder cannot run this model"):
+        LeanDecoder(gpt2, 2, 20)
+    ids, mask = _batch(b=3, p=5, t=0)
+    out = rollout.generate(gpt2, ids, mask, 4, eos_token_id=1, pad_token_id=0, temperature=1.0)
+    assert out.completion_ids.shape[0] == 3
+    window = _model("mistral")
+    window.config.sliding_window, window.config.use_sliding_window = 8, True
+    assert "sliding-window" in unsupported_reason(window, 20)
+    assert unsupported_reason(_model("qwen2").train(), 20) is not None
