@@ -45,6 +45,7 @@ def test_copy_bandwidth(benchmark, device, request, phase):
 def test_gemm_rate(benchmark, device, request, phase, dtype):
     if dtype == "float16" and device.type != "cuda":
         pytest.skip("fp16 GEMM: only measured on CUDA (no model here runs in fp16 on CPU)")
+    harness.skip_unless_native_bf16(device, dtype)
     p = profile(request.config)
     m = p.ceiling_gemm
     g = torch.Generator(device).manual_seed(0)

@@ -40,6 +40,7 @@ def pytest_generate_tests(metafunc):
 def test_linear(benchmark, linear_case, device):
     name, shape, mode = linear_case
     method = next(m for m in methods(device) if m.name == name)
+    harness.skip_unless_native_bf16(device, shape.dtype)
     dtype = getattr(torch, shape.dtype)
     x = cached_inputs(shape, lambda: make_inputs(shape.b, shape.t, shape.h, shape.v, dtype, device))
     flops = (6 if mode == "loss" else 2) * shape.n * shape.h * shape.v

@@ -23,7 +23,8 @@ import torch
 from bench import harness
 from bench.conftest import profile, selected
 
-TRAINERS = ("grpo_fast", "trl")
+# "_gc": with gradient checkpointing (TRL's GRPOConfig default); the plain names without it (grpo_fast's)
+TRAINERS = ("grpo_fast", "trl", "grpo_fast_gc", "trl_gc")
 LEARNING_RATE = 1e-4
 
 
@@ -46,6 +47,7 @@ def _model_and_data(device):
 
 
 def _info(name: str, shape) -> dict:
+    gc = " + gradient checkpointing" if name.endswith("_gc") else ""
     return {
         "suite": "trainer",
         "method": name,
@@ -56,19 +58,17 @@ def _info(name: str, shape) -> dict:
         "max_new": shape.max_new,
         "micro": shape.micro,
         "completions": shape.prompts * shape.group,
-        "label": f"{name} GRPOTrainer.step",
+        "label": f"{name.removesuffix('_gc')} GRPOTrainer.step{gc}",
     }
 
 
 def test_trainer(benchmark, trainer_case, device, tmp_path):
     name, shape = trainer_case
-    if name == "grpo_fast":
-        _bench_grpo_fast(benchmark, shape, device, tmp_path)
-    else:
-        _bench_trl(benchmark, shape, device, tmp_path)
+    bench = _bench_grpo_fast if name.startswith("grpo_fast") else _bench_trl
+    bench(benchmark, shape, device, tmp_path, name)
 
 
-def _bench_grpo_fast(benchmark, shape, device, out):
+def _bench_grpo_fast(benchmark, shape, device, out, name):
     from grpo_fast.rewards import accuracy_reward
     from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
@@ -86,7 +86,8 @@ def _bench_grpo_fast(benchmark, shape, device, out):
         beta=0.0,
         logging_steps=10**6,
         seed=0,
-        bf16=False,  # fp32 as TRL's default (on CUDA grpo_fast would otherwise autocast to bf16)
+        bf16=False,  # fp32 on both sides (TRL is given bf16=False too)
+        gradient_checkpointing=name.endswith("_gc"),
     )
     trainer = GRPOTrainer(model, [accuracy_reward], config, data, tokenizer=tokenizer)
 
@@ -94,11 +95,11 @@ def _bench_grpo_fast(benchmark, shape, device, out):
         for _ in range(shape.warmup):
             trainer.step()
 
-    case = harness.Case(run=trainer.step, warmup=warmup, extra_info=_info("grpo_fast", shape))
+    case = harness.Case(run=trainer.step, warmup=warmup, extra_info=_info(name, shape))
     harness.measure(benchmark, case, shape.rounds, device)
 
 
-def _bench_trl(benchmark, shape, device, out):
+def _bench_trl(benchmark, shape, device, out, name):
     try:
         from transformers import TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
@@ -126,6 +127,7 @@ def _bench_trl(benchmark, shape, device, out):
         disable_tqdm=True,
         seed=0,
         bf16=False,
+        gradient_checkpointing=name.endswith("_gc"),
     )
     peak = harness.PeakMemory(device)
     starts: list[float] = []
@@ -158,7 +160,7 @@ def _bench_trl(benchmark, shape, device, out):
     )
     harness.record_external(benchmark, times[shape.warmup :])
     benchmark.extra_info.update(
-        _info("trl", shape),
+        _info(name, shape),
         warmup_s=round(sum(times[: shape.warmup]), 4),
         peak_bytes=used,
         peak_extra_bytes=max(used, 0),

@@ -176,8 +176,14 @@ def trainer_table(data: dict) -> list[str]:
                 f"| {r['completions'] / r['median']:.0f} | {_mib(r['peak_extra_bytes'])} |"
             )
         by = {r["method"]: r for r in group}
-        if "grpo_fast" in by and "trl" in by:
-            lines += ["", f"TRL median / grpo_fast median: {by['trl']['median'] / by['grpo_fast']['median']:.2f}x"]
+        for suffix, what in (("", "without"), ("_gc", "with")):
+            ours, trl = by.get(f"grpo_fast{suffix}"), by.get(f"trl{suffix}")
+            if ours and trl:
+                lines.append(
+                    f"\n{what} gradient checkpointing: TRL median / grpo_fast median "
+                    f"{trl['median'] / ours['median']:.2f}x; peak extra memory grpo_fast "
+                    f"{_mib(ours['peak_extra_bytes'])} vs TRL {_mib(trl['peak_extra_bytes'])} MiB"
+                )
     return lines
 
 

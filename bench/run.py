@@ -70,6 +70,8 @@ def not_run_reason(key: str) -> str | None:
     from bench.suite import skip_reason
 
     device = harness.bench_device()
+    if suite == "linear" and harness.no_native_bf16_reason(device, params.rsplit("_", 1)[-1]):
+        return harness.no_native_bf16_reason(device, "bf16")
     registry = logits_methods if suite == "logits" else linear_methods
     name = params.split("-", 1)[0]
     method = next((m for m in registry.methods(device) if m.name == name), None)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             if code != 0:
                 run["failed"].append({"key": key, "exit": code, "output_tail": tail})
                 print(tail[-1500:], file=sys.stderr)
-            if (Path(tmp) / f"{i}.json").exists():
+            if (Path(tmp) / f"{i}.json").exists() and (Path(tmp) / f"{i}.json").stat().st_size:
                 parts.append(json.loads((Path(tmp) / f"{i}.json").read_text()))
     run.update(wall_s=round(time.time() - start, 1), loadavg_end=_load())
     previous = json.loads(out.read_text()) if partial and out.exists() else None

@@ -62,7 +62,7 @@ def run_trl(steps: int, out: str) -> list[float]:
     tok, model, data = _setup()
     args = GRPOConfig(output_dir=out, max_steps=steps, learning_rate=LR, per_device_train_batch_size=MICRO,
                       gradient_accumulation_steps=ACCUM, num_generations=GROUP, max_completion_length=MAX_NEW,
-                      temperature=1.0, loss_type="dapo", beta=0.0, use_cpu=True, report_to="none",
+                      temperature=1.0, loss_type="dapo", beta=0.0, use_cpu=True, report_to="none", bf16=False,
                       save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, seed=0)  # fmt: skip
     stamps: list[float] = []
 

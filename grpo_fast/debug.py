@@ -87,7 +87,7 @@ def check_inputs(active: torch.Tensor, ids: torch.Tensor, **tensors: torch.Tenso
             (B * T, H), ``weight`` (V, H), ``bias`` (V,), ``advantages`` (B,) or (B, T), and (B, T)
             or (B, 1) log-probs / ratios. None entries are skipped.
     """
-    if not enabled() or not data_checks_enabled():
+    if not data_checks_enabled() or not enabled():  # data checks first: off under torch.compile, untraced
         return
     for name, x in tensors.items():
         if x is None or not x.is_floating_point():
