@@ -4,6 +4,7 @@
     grpo-fast train --config FILE [--key value ...] [--resume [CHECKPOINT]]
     grpo-fast eval --model DIR [--dataset toy|FILE] [--k K]    greedy accuracy (and pass@k) on held-out prompts
     grpo-fast plot RUN_DIR                                     RUN_DIR/curves.png from RUN_DIR/metrics.jsonl
+    grpo-fast pipeline [--config FILE] [--stages a,b]          the DeepSeek-R1 recipe, stage by stage (toy task)
 
 A training config file is YAML with GRPOConfig keys (see grpo_fast.trainer) plus the run keys of
 ``RunArguments`` below; ``--key value`` overrides any of them. Unknown keys are errors.
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with ours
     try:
-        return {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo}[args.command](args, rest)
+        commands = {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo, "pipeline": _pipeline}
+        return commands[args.command](args, rest)
     except (configio.ConfigError, FileNotFoundError) as error:
         print(f"grpo-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -85,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="run directory (default runs/demo-seed<N>)")
     demo.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the demo's tuned value)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: one per idle core)")
+    pipe = sub.add_parser(
+        "pipeline",
+        help="DeepSeek-R1 recipe on the toy task: R1-Zero, cold start, RL, rejection sampling, SFT, RL, "
+        "distillation; resumable; writes RUN_DIR/report.{json,md,png}",
+    )
+    pipe.add_argument("--config", default=None, help="YAML stage list (default: the embedded one, grpo_fast.pipeline)")
+    pipe.add_argument("--stages", default=None, help="run only these stages of the config (comma-separated names)")
+    pipe.add_argument("--output-dir", default=None, help="RUN_DIR (default: the config's, else runs/r1-toy-seed<N>)")
+    pipe.add_argument("--seed", type=int, default=None)
+    pipe.add_argument("--threads", type=int, default=None, help="torch threads (default: one per idle core)")
     return parser
 
 
@@ -189,4 +201,21 @@ def _demo(args, rest) -> int:
 
     kwargs = {} if args.steps is None else {"steps": args.steps}
     run_demo(seed=args.seed, out=args.out, threads=args.threads, **kwargs)
+    return 0
+
+
+def _pipeline(args, rest) -> int:
+    import dataclasses
+
+    from .pipeline import load_config, run_pipeline
+
+    config = load_config(args.config, output_dir=args.output_dir, seed=args.seed, threads=args.threads)
+    if args.stages:
+        wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        names = [s.name for s in config.stages]
+        for name in wanted:
+            if name not in names:
+                raise configio.unknown_key_error(name, names, "--stages")
+        config = dataclasses.replace(config, stages=tuple(s for s in config.stages if s.name in wanted))
+    run_pipeline(config)
     return 0
