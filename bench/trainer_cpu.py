@@ -4,7 +4,8 @@ Launch:  python -m bench.trainer_cpu [--steps 6 --warmup 2]
 Both trainers: the 0.5M-parameter Qwen2 and character tokenizer of `grpo-fast demo` (untrained weights:
 step time depends on batch shape, not on what the model knows), 32 prompts x G = 8 completions of at
 most 40 tokens, temperature 1.0, dapo loss, beta 0, one optimizer step per generation batch split into
-4 micro-batches of 64, accuracy reward. Each trainer runs in its own subprocess; reported: median
+4 micro-batches of 64, accuracy reward, fp32, no gradient checkpointing (TRL's defaults are bf16 autocast
+and gradient checkpointing: set off here to match). Each trainer runs in its own subprocess; reported: median
 step time after warm-up (sampling + rewards + update) and the peak RSS above the process after the
 model, tokenizer and data exist.
 """
@@ -63,6 +64,7 @@ def run_trl(steps: int, out: str) -> list[float]:
     args = GRPOConfig(output_dir=out, max_steps=steps, learning_rate=LR, per_device_train_batch_size=MICRO,
                       gradient_accumulation_steps=ACCUM, num_generations=GROUP, max_completion_length=MAX_NEW,
                       temperature=1.0, loss_type="dapo", beta=0.0, use_cpu=True, report_to="none", bf16=False,
+                      gradient_checkpointing=False,  # as grpo_fast's default (TRL's default is True)
                       save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, seed=0)  # fmt: skip
     stamps: list[float] = []
 
