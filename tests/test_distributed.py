@@ -28,7 +28,10 @@ from grpo_fast import toy
 from grpo_fast.advantages import group_advantages
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the two processes are forked")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="the two processes are forked"),
+    pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
+]
 
 G = 4
 BASE = dict(seed=3, max_steps=3, learning_rate=1e-2, num_generations=G, max_completion_length=10, logging_steps=1,
@@ -184,14 +187,6 @@ def two_processes(tmp_path_factory) -> Path:
     errors = "".join(f.read_text() for f in sorted(out.glob("error-rank*.txt")))
     assert [p.exitcode for p in processes] == [0, 0], errors
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_cli_train_in_torchrun_environment_writes_once(two_processes):

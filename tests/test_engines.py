@@ -16,6 +16,8 @@ from grpo_fast.engines import Generation, HFEngine, group_uniforms, rollout_from
 from grpo_fast.modeling import position_ids_from_mask
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
+
 G = 4
 
 
@@ -98,14 +100,6 @@ def run_step(tmp_path, data, **changes):
         trainer_module.linear_grpo_loss = loss
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the step trained
     return engine, seen, metrics
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

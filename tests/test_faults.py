@@ -34,13 +34,7 @@ from grpo_fast.configio import ConfigError
 from grpo_fast.rewards import RewardFunctionError, RewardTimeoutError, call_reward_function, score_completions
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ import torch
 from grpo_fast import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
+
 peft = pytest.importorskip("peft")
 
 
@@ -28,14 +30,6 @@ def config(out, **changes) -> GRPOConfig:
     base = dict(output_dir=str(out), seed=3, max_steps=3, save_steps=2, learning_rate=1e-2, beta=0.04,
                 per_device_train_batch_size=8, num_generations=4, max_completion_length=10)  # fmt: skip
     return GRPOConfig(**{**base, **changes})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

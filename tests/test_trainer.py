@@ -18,6 +18,8 @@ from grpo_fast.rewards import RewardFunctionError
 from grpo_fast.rollout import encode_prompts, generate
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer, _lr_lambda
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
+
 
 def tiny(seed: int = 0):
     """(tokenizer, a 1-layer hidden-32 Qwen2 over the toy vocabulary)."""
@@ -34,16 +36,6 @@ def config(tmp_path, **changes) -> GRPOConfig:
     base = dict(output_dir=str(tmp_path), seed=3, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=8,
                 num_generations=4, max_completion_length=10, logging_steps=1)  # fmt: skip
     return GRPOConfig(**{**base, **changes})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: a second OpenMP thread buys nothing and, on a shared 2-core machine,
-    stalls every small op waiting for its descheduled partner (0.5 s -> 17 s for the resume test)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
