@@ -92,7 +92,17 @@ def _short(dtype: str) -> str:
 # LM heads (H, V): Qwen2.5-0.5B, Qwen2.5-1.5B, Llama-3.2-1B, Gemma-3-4B
 _GPU_HEADS = ((896, QWEN25_V), (1536, QWEN25_V), (2048, LLAMA3_V), (2560, GEMMA3_V))
 _CPU_BIG = ("gemm_floor", "grpo_fast_torch", "naive", "liger")
-# Liger's torch path in bf16 takes ~70 s per call at N = 2048 here (bench.linear_cpu): left out for time
+_CPU_N512 = (
+    "gemm_floor",
+    "grpo_fast_torch",
+    "grpo_fast_triton",
+    "naive",
+    "naive_compile",
+    "liger",
+    "cce",
+    "cce_torch_compile",
+)  # every linear method but liger_compile
+# Liger's torch path in bf16 takes ~70 s per call at N = 2048 on the AVX-512 machine: left out for time
 _CPU_BF16 = ("gemm_floor", "grpo_fast_torch", "naive", "naive_compile")
 PROFILES = {
     "gpu": Profile(
@@ -105,21 +115,23 @@ PROFILES = {
         ceiling_gemm=8192,
         ceiling_rounds=20,
     ),
-    # Budget on the 2-core EPYC (~150-190 GFLOP/s fp32, ~400 bf16 when quiet): one fp32 forward + backward at
-    # N = 2048, H = 896, V = 151936 is 6 N H V = 1.67 TFLOP, 10-17 s for the GEMMs alone. So the large shapes
-    # get 2 rounds and no full-size warm-up for eager methods (their warm-up is a 32-token call: imports,
-    # lazy init, and the correctness check); the compiled peers (a full-size compile + warm-up call each)
-    # run at N = 512 only (Liger's compiled path, slower than its eager one here, and CCE's fallback),
-    # plus torch.compile at N = 2048 in bf16. Measured: 11 min 50 s for `python -m bench.run --cpu` at load 1.5-3.
+    # Budget on the 2-core EPYC. Two kinds of machine have been seen: AVX-512 (~190 GFLOP/s fp32, ~400 bf16)
+    # and AVX2-only (~95 GFLOP/s fp32, bf16 emulated: the bf16 shape is then reported as not run). One fp32
+    # forward + backward at N = 1024, H = 896, V = 151936 is 6 N H V = 0.84 TFLOP, 5-9 s for the GEMMs
+    # alone. So the large shapes get 2 rounds and no full-size warm-up for eager methods (their warm-up is a
+    # 32-token call: imports, lazy init, and the correctness check); the compiled peers (a full-size compile
+    # + warm-up call each) run at N = 512 only (CCE's fallback; Liger's compiled path, slower than its eager
+    # one on both machines, is left out), plus torch.compile at N = 1024 in bf16. On the AVX2 machine
+    # (2026-11-30) the previous profile (N = 2048, Liger compiled) took 18 min 24 s: hence N = 1024.
     "cpu": Profile(
         logits=(
             LogitsShape(1, 256, QWEN25_V, "float32", rounds=5),
             LogitsShape(4, 256, QWEN25_V, "float32", rounds=3),
         ),
         linear=(
-            LinearShape(2, 256, 896, QWEN25_V, "float32", rounds=3, full_warmup=False),
-            LinearShape(8, 256, 896, QWEN25_V, "float32", rounds=2, full_warmup=False, methods=_CPU_BIG),
-            LinearShape(8, 256, 896, QWEN25_V, "bfloat16", rounds=2, full_warmup=False, methods=_CPU_BF16),
+            LinearShape(2, 256, 896, QWEN25_V, "float32", rounds=2, full_warmup=False, methods=_CPU_N512),
+            LinearShape(4, 256, 896, QWEN25_V, "float32", rounds=2, full_warmup=False, methods=_CPU_BIG),
+            LinearShape(4, 256, 896, QWEN25_V, "bfloat16", rounds=2, full_warmup=False, methods=_CPU_BF16),
         ),
         trainer=(TrainerShape(32, 8, 40, 64, warmup=2, rounds=4),),
         ceiling_copy_mib=1024,

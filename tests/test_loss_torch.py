@@ -290,6 +290,7 @@ def test_inplace_backward(dtype):
 
 @pytest.mark.parametrize("chunk_rows", (1, 3, 7))
 def test_chunk_boundaries(monkeypatch, chunk_rows):
+    monkeypatch.setenv("GRPO_FAST_EAGER", "1")  # the row-chunked eager forward (CPU's default is compiled)
     v = 37
     cfg = LossConfig(beta=0.04, entropy_coef=0.05, temperature=0.7)
     inputs = _make(13, 4, 6, v, F32, temperature=0.7)
@@ -387,3 +388,64 @@ def test_confident_token_entropy():
     plain = R.token_entropy(logits, 0.7)
     out = grpo_fast.token_logprobs(logits, torch.tensor([[0]]), 0.7, return_entropy=True, backend="torch")
     assert_no_worse(out.entropy, plain, h64, F32, "entropy: confident token")
+
+
+def _hard_logits(kind: str, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2, 5, V) logits, ids and active rows that stress the row statistics."""
+    g = torch.Generator().manual_seed(hash(kind) % 1000)
+    v = 151 if kind != "wide" else 4099
+    z = torch.randn(2, 6, v, generator=g) * 3
+    ids = torch.randint(0, v, (2, 6), generator=g)
+    active = torch.ones(2, 6, dtype=torch.bool)
+    if kind == "huge":
+        z = z * 3e3
+    elif kind == "neg_inf":
+        z[0, 1, ::2] = float("-inf")  # off-target -inf entries
+        ids[0, 1] = 1
+        z[1, 2] = float("-inf")  # an inactive all -inf row with an out-of-range id
+        z[1, 2, 3] = 0.0
+        active[1, 2], ids[1, 2] = False, -100
+    elif kind == "masked":
+        active[0, 3:], active[1] = False, False
+        ids[1] = 10**6  # never read
+    return z[:, :5].to(dtype), ids[:, :5], active[:, :5]  # a non-contiguous slice, as logits[:, :-1]
+
+
+@pytest.mark.parametrize("tau", (1.0, 0.7))
+@pytest.mark.parametrize("dtype", (F32, BF16, torch.float16), ids=str)
+@pytest.mark.parametrize("kind", ("random", "huge", "neg_inf", "masked", "wide"))
+def test_compiled_cpu_forward_equals_eager(kind, dtype, tau):
+    """The CPU forward is the compiled ``_row_stats``; it computes what the eager chunked path computes."""
+    z, ids, active = _hard_logits(kind, dtype)
+    compiled = ts_mod._forward_cpu(z, ids, active, 1.0 / tau, True)
+    assert ts_mod._COMPILED["ran"] and not ts_mod._COMPILED["failed"]
+    eager = ts_mod._forward_torch(z, ids, active, 1.0 / tau, True)
+    for got, want, name in zip(compiled, eager, ("logp", "entropy", "norm")):
+        assert bool(torch.isfinite(got).all()), name
+        assert bool((got[~active] == 0).all()), f"{name}: inactive rows must be exactly 0"
+        scale = 3e3 if kind == "huge" else 1.0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5 * scale, msg=name)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    """A toolchain that cannot compile (no C++ compiler, say) gives one warning and the eager numbers."""
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(ts_mod, "_COMPILED", {"fn": broken, "ran": False, "failed": False, "warned": False})
+    z, ids, active = _hard_logits("masked", F32)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        out = ts_mod._forward_cpu(z, ids, active, 1.0, True)
+    assert ts_mod._COMPILED["failed"]
+    for got, want in zip(out, ts_mod._forward_torch(z, ids, active, 1.0, True)):
+        assert torch.equal(got, want)
+    ts_mod._forward_cpu(z, ids, active, 1.0, True)  # no second warning, no second attempt
+
+
+def test_eager_switch(monkeypatch):
+    monkeypatch.setenv("GRPO_FAST_EAGER", "1")
+    monkeypatch.setattr(ts_mod, "_COMPILED", {"fn": None, "ran": False, "failed": False, "warned": False})
+    z, ids, active = _hard_logits("random", F32)
+    ts_mod._forward_cpu(z, ids, active, 1.0, True)
+    assert ts_mod._COMPILED["fn"] is None  # never compiled

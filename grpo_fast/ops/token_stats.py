@@ -6,12 +6,18 @@ target logit, entropy); backward reads them once more and writes the gradient on
 So forward + backward = 2 reads + 1 write of the N x V logits, whatever loss is built on the
 (B, T) outputs. Rows whose ``active`` flag is False do no vocabulary pass at all.
 
-Two implementations share the registration below: ``torch`` (chunked over rows; the fast path
-on CPU) and ``triton`` (grpo_fast.kernels.token_stats; CUDA, or CPU under TRITON_INTERPRET=1).
+Two implementations share the registration below: ``torch`` and ``triton`` (grpo_fast.kernels.token_stats;
+CUDA, or CPU under TRITON_INTERPRET=1). The torch forward on CPU is ``_row_stats`` compiled by
+``torch.compile`` (inductor turns it into per-row loops: no (rows, V) temporary, one kernel), falling
+back to the eager, row-chunked ``_forward_torch`` where compilation is unavailable or switched off
+(``GRPO_FAST_EAGER=1``); the torch backward is always the eager one.
 The op is a ``torch.library.custom_op`` so ``torch.compile(fullgraph=True)`` traces around it.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 
@@ -74,6 +80,56 @@ def _forward_torch(logits, ids, active, inv_tau: float, with_entropy: bool):
     return logp, entropy, norm
 
 
+def _row_stats(logits, ids, active, tau, with_entropy: bool):
+    """``_forward_torch``'s statistics for every row at once, written for ``torch.compile``: the same
+    formulas (shift by the row max, then divide by tau), but as whole-tensor expressions that inductor
+    fuses into a max pass and one pass of sums per row, so nothing of size V is stored. tau: 0-d float32
+    tensor (a Python float would compile once per temperature)."""
+    m = logits.amax(dim=-1, keepdim=True).float()
+    m = torch.where(torch.isfinite(m), m, 0.0)  # an all -inf row: no NaN from -inf - -inf
+    x = (logits.float() - m) / tau  # (B, T, V) expression, never materialised
+    p = torch.exp(x)
+    s = p.sum(-1)
+    log_s = torch.log(s)
+    zero = torch.zeros_like(log_s)
+    target = x.gather(-1, torch.where(active, ids, 0).unsqueeze(-1)).squeeze(-1)  # inactive rows: any id
+    logp = torch.where(active, target - log_s, zero)
+    entropy = zero
+    if with_entropy:
+        expected = torch.where(p > 0, p * x, 0.0).sum(-1)  # -inf logits (p = 0) contribute 0, not NaN
+        entropy = torch.where(active, log_s - expected / s, zero)
+    norm = torch.stack([torch.where(active, m.squeeze(-1), zero), torch.where(active, log_s, zero)], dim=-1)
+    return logp, entropy, norm
+
+
+_COMPILED = {"fn": None, "ran": False, "failed": False, "warned": False}
+
+
+def _forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
+    """The compiled ``_row_stats`` (compiled once per process and variant: dtype, entropy flag, sizes of 1;
+    any other shape reuses it), or ``_forward_torch`` when compilation is switched off, has never worked
+    here (e.g. no C++ compiler; a warning says so), fails for this call, or the input is empty."""
+    eager = os.environ.get("GRPO_FAST_EAGER", "").lower() in ("1", "true", "yes", "on")
+    if eager or _COMPILED["failed"] or logits.numel() == 0:
+        return _forward_torch(logits, ids, active, inv_tau, with_entropy)
+    if _COMPILED["fn"] is None:
+        _COMPILED["fn"] = torch.compile(_row_stats, dynamic=True, fullgraph=True)
+    tau = torch.tensor(1.0 / inv_tau, dtype=torch.float32)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+            out = _COMPILED["fn"](logits, ids, active, tau, with_entropy)
+    except Exception as err:  # a toolchain or compiler failure: the eager path computes the same numbers
+        _COMPILED["failed"] = not _COMPILED["ran"]  # it never worked in this process: stop trying
+        if not _COMPILED["warned"]:
+            _COMPILED["warned"] = True
+            reason = f"{type(err).__name__}: {str(err)[:300]}"
+            message = f"grpo_fast: torch.compile of the CPU token statistics failed ({reason}); using the eager path"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return _forward_torch(logits, ids, active, inv_tau, with_entropy)
+    _COMPILED["ran"] = True
+    return out
+
+
 def _expected_logit(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """sum_v p_v z_v per row with no (M, V) temporary; -inf logits (p = 0) contribute 0, not NaN."""
     pz = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
@@ -123,6 +179,8 @@ def _token_stats_op(
     if use_triton:
         logp, entropy, lse = _triton().token_stats_forward(logits, ids, active, 1.0 / inv_tau, with_entropy)
         return logp, entropy, torch.stack([torch.zeros_like(lse), lse], dim=-1)  # m = 0, log s = lse
+    if logits.device.type == "cpu":
+        return _forward_cpu(logits, ids, active, inv_tau, with_entropy)
     return _forward_torch(logits, ids, active, inv_tau, with_entropy)
 
 
