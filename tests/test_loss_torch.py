@@ -417,7 +417,7 @@ def _hard_logits(kind: str, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def test_compiled_cpu_forward_equals_eager(kind, dtype, tau):
     """The CPU forward is the compiled ``_row_stats``; it computes what the eager chunked path computes."""
     z, ids, active = _hard_logits(kind, dtype)
-    compiled = ts_mod._forward_cpu(z, ids, active, 1.0 / tau, True)
+    compiled = ts_mod.forward_cpu(z, ids, active, 1.0 / tau, True)
     assert ts_mod._COMPILED["ran"] and not ts_mod._COMPILED["failed"]
     eager = ts_mod._forward_torch(z, ids, active, 1.0 / tau, True)
     for got, want, name in zip(compiled, eager, ("logp", "entropy", "norm")):
@@ -436,16 +436,16 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(ts_mod, "_COMPILED", {"fn": broken, "ran": False, "failed": False, "warned": False})
     z, ids, active = _hard_logits("masked", F32)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-        out = ts_mod._forward_cpu(z, ids, active, 1.0, True)
+        out = ts_mod.forward_cpu(z, ids, active, 1.0, True)
     assert ts_mod._COMPILED["failed"]
     for got, want in zip(out, ts_mod._forward_torch(z, ids, active, 1.0, True)):
         assert torch.equal(got, want)
-    ts_mod._forward_cpu(z, ids, active, 1.0, True)  # no second warning, no second attempt
+    ts_mod.forward_cpu(z, ids, active, 1.0, True)  # no second warning, no second attempt
 
 
 def test_eager_switch(monkeypatch):
     monkeypatch.setenv("GRPO_FAST_EAGER", "1")
     monkeypatch.setattr(ts_mod, "_COMPILED", {"fn": None, "ran": False, "failed": False, "warned": False})
     z, ids, active = _hard_logits("random", F32)
-    ts_mod._forward_cpu(z, ids, active, 1.0, True)
+    ts_mod.forward_cpu(z, ids, active, 1.0, True)
     assert ts_mod._COMPILED["fn"] is None  # never compiled

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import token_stats
+
 # A chunk's float32 temporaries (two C x V buffers) stay near 2 x 128 MB: O(C x V) memory, while C is
 # large enough that the per-chunk read-modify-write of the (V, H) weight-gradient accumulator is
 # amortised over many rows (at V = 151936 this gives C = 220 rows).
@@ -46,7 +48,7 @@ class Workspace:
     def __init__(self, chunk: int, weight: torch.Tensor, hidden_dtype: torch.dtype):
         v = weight.shape[0]
         self.z = torch.empty(chunk, v, dtype=torch.float32, device=weight.device)
-        self.p = torch.empty_like(self.z)
+        self._p: torch.Tensor | None = None  # the second buffer, allocated when first asked for
         # bf16 GEMMs with fp32 accumulation; fp16 runs in fp32 (fp16 logits overflow beyond 65504)
         low = weight.dtype if weight.dtype == hidden_dtype == torch.bfloat16 else torch.float32
         self.z_low = None if low == torch.float32 else torch.empty(chunk, v, dtype=low, device=weight.device)
@@ -54,6 +56,12 @@ class Workspace:
         # for Qwen2.5-0.5B's head in bf16)
         rows = min(v, _GRAD_W_BLOCK)
         self.gw_low = None if low == torch.float32 else weight.new_empty((rows, weight.shape[1]))
+
+    @property
+    def p(self) -> torch.Tensor:
+        if self._p is None:
+            self._p = torch.empty_like(self.z)
+        return self._p
 
     def logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """float32 logits (C, V) of one chunk in the z buffer. Mixed precision computes in fp32."""
@@ -128,15 +136,24 @@ def chunk_coefficients(
     return d_lp.reshape(-1)[rows], d_ent
 
 
+def _all_rows(r: torch.Tensor) -> torch.Tensor:
+    return torch.ones((1, r.numel()), dtype=torch.bool, device=r.device)
+
+
 def forward_stats(hidden2d, weight, bias, ids, rows, inv_tau: float, chunk: int, with_entropy: bool):
-    """Forward-only (logp, entropy) at ``rows`` of (N, H) hidden states: 1 GEMM, chunked."""
+    """Forward-only (logp, entropy) at ``rows`` of (N, H) hidden states: 1 GEMM, chunked. On CPU the
+    statistics are token_stats' compiled row reductions over the chunk's logits (one (C, V) buffer)."""
     logp = hidden2d.new_zeros(rows.numel(), dtype=torch.float32)
     entropy = torch.zeros_like(logp)
     ws = Workspace(min(chunk, max(rows.numel(), 1)), weight, hidden2d.dtype)
     for start in range(0, rows.numel(), chunk):
         r = rows[start : start + chunk]
         z = ws.logits(hidden2d[r], weight, bias)
-        if with_entropy:
+        if z.device.type == "cpu":  # compiled per-row reductions straight from z: no second (C, V) buffer
+            lp, ent, _ = token_stats.forward_cpu(z[None], ids[r][None], _all_rows(r), inv_tau, with_entropy)
+            lp = lp[0]
+            entropy[start : start + r.numel()] = ent[0]
+        elif with_entropy:
             lp, ent, _, _ = chunk_stats(z, ids[r], inv_tau, ws.p)
             entropy[start : start + r.numel()] = ent
         else:

@@ -105,7 +105,7 @@ def _row_stats(logits, ids, active, tau, with_entropy: bool):
 _COMPILED = {"fn": None, "ran": False, "failed": False, "warned": False}
 
 
-def _forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
+def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
     """The compiled ``_row_stats`` (compiled once per process and variant: dtype, entropy flag, sizes of 1;
     any other shape reuses it), or ``_forward_torch`` when compilation is switched off, has never worked
     here (e.g. no C++ compiler; a warning says so), fails for this call, or the input is empty."""
@@ -180,7 +180,7 @@ def _token_stats_op(
         logp, entropy, lse = _triton().token_stats_forward(logits, ids, active, 1.0 / inv_tau, with_entropy)
         return logp, entropy, torch.stack([torch.zeros_like(lse), lse], dim=-1)  # m = 0, log s = lse
     if logits.device.type == "cpu":
-        return _forward_cpu(logits, ids, active, inv_tau, with_entropy)
+        return forward_cpu(logits, ids, active, inv_tau, with_entropy)
     return _forward_torch(logits, ids, active, inv_tau, with_entropy)
 
 
