@@ -449,3 +449,19 @@ def test_eager_switch(monkeypatch):
     z, ids, active = _hard_logits("random", F32)
     ts_mod.forward_cpu(z, ids, active, 1.0, True)
     assert ts_mod._COMPILED["fn"] is None  # never compiled
+
+
+def test_slices_of_new_buffers_do_not_recompile():
+    """Slices (logits[:, :-1], a chunk of a reused buffer) are passed to the compiled function as plain
+    tensors: a view would make torch.compile guard on its base's sizes and recompile for every buffer."""
+    import warnings
+
+    z, ids, active = _hard_logits("random", F32)
+    ts_mod.forward_cpu(z[:, :3], ids[:, :3], active[:, :3], 1.0, True)
+    bigger = torch.randn(5, 9, z.shape[-1])
+    ids2, active2 = torch.zeros(5, 9, dtype=torch.long), torch.ones(5, 9, dtype=torch.bool)
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recompile would surface as the fallback's warning
+        out = ts_mod.forward_cpu(bigger[1:4, 2:8], ids2[1:4, 2:8], active2[1:4, 2:8], 1.0, True)
+    want = ts_mod._forward_torch(bigger[1:4, 2:8], ids2[1:4, 2:8], active2[1:4, 2:8], 1.0, True)
+    torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=2e-5)

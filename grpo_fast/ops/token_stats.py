@@ -117,7 +117,8 @@ def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
     tau = torch.tensor(1.0 / inv_tau, dtype=torch.float32)
     try:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-            out = _COMPILED["fn"](logits, ids, active, tau, with_entropy)
+            inputs = (_baseless(logits), _baseless(ids), _baseless(active))
+            out = _COMPILED["fn"](*inputs, tau, with_entropy)
     except Exception as err:  # a toolchain or compiler failure: the eager path computes the same numbers
         _COMPILED["failed"] = not _COMPILED["ran"]  # it never worked in this process: stop trying
         if not _COMPILED["warned"]:
@@ -128,6 +129,15 @@ def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
         return _forward_torch(logits, ids, active, inv_tau, with_entropy)
     _COMPILED["ran"] = True
     return out
+
+
+def _baseless(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as t, as a tensor that is not a view: torch.compile guards on a view's base sizes,
+    so a slice of a reused buffer (or logits[:, :-1]) would otherwise recompile for every new base."""
+    if t._base is None:
+        return t
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def _expected_logit(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
