@@ -11,6 +11,8 @@ Run: pytest tests/test_loss_torch.py
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tolerances import assert_close, assert_no_worse
@@ -465,3 +467,29 @@ def test_slices_of_new_buffers_do_not_recompile():
         out = ts_mod.forward_cpu(bigger[1:4, 2:8], ids2[1:4, 2:8], active2[1:4, 2:8], 1.0, True)
     want = ts_mod._forward_torch(bigger[1:4, 2:8], ids2[1:4, 2:8], active2[1:4, 2:8], 1.0, True)
     torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=2e-5)
+
+
+def _child_stats(queue):
+    z, ids, active = _hard_logits("wide", torch.float16)  # a variant the parent has not compiled
+    queue.put(ts_mod.forward_cpu(z, ids, active, 1.0, False)[0].tolist())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_uses_the_eager_path():
+    """A child forked after the parent compiled must not enter torch.compile (it can deadlock in the
+    inherited compile workers): it computes the same numbers on the eager path, promptly."""
+    z, ids, active = _hard_logits("masked", F32)
+    ts_mod.forward_cpu(z, ids, active, 1.0, True)  # the parent compiles (inductor's workers start)
+    assert ts_mod._COMPILED["ran"]
+    context = torch.multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_stats, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the forked child hung"
+    z, ids, active = _hard_logits("wide", torch.float16)
+    want = ts_mod._forward_torch(z, ids, active, 1.0, False)[0]
+    torch.testing.assert_close(torch.tensor(queue.get(timeout=10)), want, rtol=1e-5, atol=2e-5)

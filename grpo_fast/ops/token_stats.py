@@ -103,14 +103,18 @@ def _row_stats(logits, ids, active, tau, with_entropy: bool):
 
 
 _COMPILED = {"fn": None, "ran": False, "failed": False, "warned": False}
+# The compiled path runs only in the process that imported this module: a process forked from it inherits
+# inductor's compile workers and locks mid-state and can deadlock in them (seen with fork-started trainers).
+_HOME_PID = os.getpid()
 
 
 def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
     """The compiled ``_row_stats`` (compiled once per process and variant: dtype, entropy flag, sizes of 1;
     any other shape reuses it), or ``_forward_torch`` when compilation is switched off, has never worked
-    here (e.g. no C++ compiler; a warning says so), fails for this call, or the input is empty."""
+    here (e.g. no C++ compiler; a warning says so), fails for this call, the input is empty, or this is a
+    forked child (see ``_HOME_PID``)."""
     eager = os.environ.get("GRPO_FAST_EAGER", "").lower() in ("1", "true", "yes", "on")
-    if eager or _COMPILED["failed"] or logits.numel() == 0:
+    if eager or _COMPILED["failed"] or logits.numel() == 0 or os.getpid() != _HOME_PID:
         return _forward_torch(logits, ids, active, inv_tau, with_entropy)
     if _COMPILED["fn"] is None:
         _COMPILED["fn"] = torch.compile(_row_stats, dynamic=True, fullgraph=True)
