@@ -4,7 +4,8 @@ Forward reads the logits once (one streaming pass per token row: row max and log
 target logit, entropy); backward reads them once more and writes the gradient once:
     dz_v = (1 / tau) * (g_logp * (1[v = id] - p_v) - g_H * p_v * (log p_v + H)).
 So forward + backward = 2 reads + 1 write of the N x V logits, whatever loss is built on the
-(B, T) outputs. Rows whose ``active`` flag is False do no vocabulary pass at all.
+(B, T) outputs. Rows whose ``active`` flag is False do no vocabulary pass at all, except in the
+compiled CPU forward, which computes every row and zeroes the inactive ones.
 
 Two implementations share the registration below: ``torch`` and ``triton`` (grpo_fast.kernels.token_stats;
 CUDA, or CPU under TRITON_INTERPRET=1). The torch forward on CPU is ``_row_stats`` compiled by
