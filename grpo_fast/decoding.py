@@ -24,14 +24,20 @@ from torch import nn
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def unsupported_reason(model: nn.Module, max_length: int) -> str | None:
-    """Why ``LeanDecoder`` cannot run ``model`` for sequences of ``max_length`` tokens (None = it can)."""
+def unsupported_reason(model: nn.Module, max_length: int, training: bool = False) -> str | None:
+    """Why ``LeanDecoder`` cannot run ``model`` for sequences of ``max_length`` tokens (None = it can).
+
+    training=True: for a forward pass with gradients (grpo_fast.shared_prefix), which accepts a model
+    in training mode but no attention dropout (the MLPs of these families have none).
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    if model.training:
+    if model.training and not training:
         return "the model is in training mode (dropout)"
+    if training and getattr(config, "attention_dropout", 0.0):
+        return f"attention dropout {config.attention_dropout} (not reproduced)"
     window = getattr(config, "sliding_window", None)
     uses_window = getattr(config, "use_sliding_window", model_type == "mistral")
     if uses_window and window is not None and window < max_length:
@@ -63,7 +69,6 @@ class LeanDecoder:
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.rope = sys.modules[type(self.inner.layers[0].self_attn).__module__].apply_rotary_pos_emb
         self.batch, self.capacity, self.length = batch, max_length, 0
         self.keys: list[torch.Tensor | None] = [None] * len(self.inner.layers)
         self.values: list[torch.Tensor | None] = [None] * len(self.inner.layers)
@@ -92,11 +97,20 @@ class LeanDecoder:
         return self.model.get_output_embeddings()(self.inner.norm(x[:, -1]))  # (B, V)
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Drop every row not in ``rows`` (B' indices) from the cache: finished rows stop costing compute."""
+        """Keep the rows ``rows`` (B' indices, repeats allowed), in that order: finished rows leave (and stop
+        costing compute), and a prompt's prefill is copied to each of its samples."""
         self.batch = len(rows)
         self.key_valid = self.key_valid[rows]
-        self.keys = [None if k is None else k[rows] for k in self.keys]
-        self.values = [None if v is None else v[rows] for v in self.values]
+        self.keys = [self._rows(k, rows) for k in self.keys]
+        self.values = [self._rows(v, rows) for v in self.values]
+
+    def _rows(self, cache: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+        """A new cache of the same capacity holding ``rows``' filled positions (the rest is never read)."""
+        if cache is None:
+            return None
+        out = cache.new_empty((len(rows), *cache.shape[1:]))
+        out[:, :, : self.length] = cache[rows, :, : self.length]
+        return out
 
     def _attention_bias(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, L, end) additive mask: 0 where query start+i may see key j (valid and j <= start+i).
@@ -112,12 +126,7 @@ class LeanDecoder:
     def _attention(self, i, attn, h, cos, sin, mask, start: int, end: int) -> torch.Tensor:
         b, n, _ = h.shape
         d = attn.head_dim
-        q = attn.q_proj(h).view(b, n, self.heads, d)
-        k = attn.k_proj(h).view(b, n, self.kv_heads, d)
-        v = attn.v_proj(h).view(b, n, self.kv_heads, d).transpose(1, 2)  # (B, Hkv, L, d)
-        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, Hq, L, d), (B, Hkv, L, d)
+        q, k, v = project_qkv(attn, h, cos, sin, self.heads, self.kv_heads)
         keys, values = self._cache(i, k, v, start, end)  # (B, Hkv, end, d)
         group = self.heads // self.kv_heads
         # query heads h * group .. (h + 1) * group - 1 share key/value head h (as repeat_kv); rows (g, L)
@@ -136,3 +145,18 @@ class LeanDecoder:
         self.keys[i][:, :, start:end] = k
         self.values[i][:, :, start:end] = v
         return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+
+
+def project_qkv(attn: nn.Module, h: torch.Tensor, cos, sin, heads: int, kv_heads: int):
+    """Queries (B, Hq, L, d), keys and values (B, Hkv, L, d) of attention module ``attn`` on normed input
+    h (B, L, H), with the rotary embedding (cos, sin) applied as the model's own module does."""
+    b, n, _ = h.shape
+    d = attn.head_dim
+    q = attn.q_proj(h).view(b, n, heads, d)
+    k = attn.k_proj(h).view(b, n, kv_heads, d)
+    v = attn.v_proj(h).view(b, n, kv_heads, d).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q, k, v

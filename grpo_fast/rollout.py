@@ -199,9 +199,18 @@ def _lean_decode_loop(
     once they are a quarter of it, so a mostly finished batch stops paying for them (the random draws
     then differ from the generic loop's, which keeps sampling, and discarding, for finished rows)."""
     b, p = prompt_ids.shape
-    decoder = LeanDecoder(model, b, p + max_new_tokens)
     positions = position_ids_from_mask(prompt_mask)  # (B, P)
-    logits = decoder.forward(prompt_ids, positions, prompt_mask.bool())  # (B, V)
+    # Rows repeating the row above (G samples of a prompt) share its prefill: run each distinct prompt once
+    # and copy its cache and logits to its rows.
+    first = torch.ones(b, dtype=torch.bool, device=prompt_ids.device)
+    first[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(1) | (prompt_mask[1:] != prompt_mask[:-1]).any(1)
+    distinct = first.nonzero().squeeze(1)  # (U,) first row of each run
+    decoder = LeanDecoder(model, len(distinct), p + max_new_tokens)
+    logits = decoder.forward(prompt_ids[distinct], positions[distinct], prompt_mask[distinct].bool())  # (U, V)
+    if len(distinct) < b:
+        run = first.long().cumsum(0) - 1  # (B,) the run each row belongs to
+        decoder.keep(run)
+        logits = logits[run]
     next_position = positions[:, -1] + 1  # (B,)
     tokens = prompt_ids.new_full((b, max_new_tokens), pad)
     rows = torch.arange(b, device=prompt_ids.device)  # original index of each row still in the decoder

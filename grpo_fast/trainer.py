@@ -49,6 +49,7 @@ from . import configio, evaluation
 from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LossConfig
+from .decoding import unsupported_reason
 from .distributed import PARALLELISM, Dist, gathered, init_from_env, is_fsdp, no_sync, wrap_policy
 from .engines import SamplingSettings, build_engine
 from .evaluation import completion_id_lists, decode_completions, prompt_text
@@ -57,6 +58,7 @@ from .modeling import backbone_and_head, completion_hidden
 from .reference import rollout_importance_ratio
 from .rewards import ON_ERROR, RewardFunction, get_reward_function, reward_name, score_completions
 from .rollout import Rollout, encode_prompts
+from .shared_prefix import SharedPrefixForward, SharedPrompts, groups_share_prompts
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -96,6 +98,11 @@ class GRPOConfig:
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     bf16: bool | None = _f(None, "bf16 autocast; None = on when a CUDA device supports it. CUDA only")
+    share_prompt_prefix: bool = _f(
+        True,
+        "run each prompt once per group in the update's forward passes, not once per completion "
+        "(grpo_fast.shared_prefix; Llama-family models, one process, no gradient checkpointing)",
+    )
     # generation
     num_generations: int = _f(8, "G, completions per prompt. DeepSeekMath 64, DeepSeek-R1 16, TRL 8")
     max_prompt_length: int | None = _f(512, "prompts keep their last this many tokens; None = no limit")
@@ -369,6 +376,7 @@ class GRPOTrainer:
             _enable_checkpointing(self.base_model)
         # what the update's forward passes go through: DDP / FSDP2 with several processes
         self._policy = wrap_policy(model, self.backbone, self.dist, config.parallelism)
+        self._prefix = self._shared_prefix_forward(self.base_model)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.learning_rate,
@@ -487,7 +495,9 @@ class GRPOTrainer:
         cfg, g, tok = self.config, self.config.num_generations, self.tokenizer
         examples = self.train_dataset[rows]  # {column: [value per prompt]}
         prompts = [p for p in examples["prompt"] for _ in range(g)]  # (B,) = prompts x G, grouped
-        ids, mask = encode_prompts(tok, [prompt_text(tok, p) for p in prompts], cfg.max_prompt_length, self.device)
+        texts = [prompt_text(tok, p) for p in examples["prompt"]]
+        ids, mask = encode_prompts(tok, texts, cfg.max_prompt_length, self.device)  # each prompt once
+        ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)  # (B, P): G rows per prompt
         if keys is None:
             keys = list(range(self.state.data_cursor - len(rows), self.state.data_cursor))
         settings = SamplingSettings(cfg.max_completion_length, tok.eos_token_id, tok.pad_token_id, cfg.temperature,
@@ -523,6 +533,7 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = self._micro_batches(batch)
         passes = d.max_int(len(micro_batches)) if d.enabled else len(micro_batches)
+        shared = self._shared_prompts(batch, micro_batches)
         loss_sum, weighted, weights = 0.0, defaultdict(float), defaultdict(float)
         for i in range(passes):
             with no_sync(self._policy, skip=i < passes - 1):  # gradients are reduced in the last pass only
@@ -533,7 +544,10 @@ class GRPOTrainer:
                 r = batch.rollout.select(rows).trim()
                 t = r.completion_ids.shape[1]
                 with self._autocast():
-                    hidden = self._policy(r.prompt_ids, r.prompt_mask, r.completion_ids)  # (b, t, H)
+                    if shared is not None:
+                        hidden = shared.hidden(rows, r.completion_ids, r.lengths)  # (b, t, H)
+                    else:
+                        hidden = self._policy(r.prompt_ids, r.prompt_mask, r.completion_ids)
                 out = linear_grpo_loss(
                     hidden,
                     self.head.weight,
@@ -556,6 +570,8 @@ class GRPOTrainer:
                 w = sequences if self._per_sequence_metric(name) else tokens
                 weighted[name] += float(value) * w
                 weights[name] += w
+        if shared is not None:
+            shared.backward()  # the prompts' share of the gradient, summed over the micro-batches
         sums = self._reduce_update_metrics(loss_sum, weighted, weights)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
@@ -565,6 +581,33 @@ class GRPOTrainer:
         self.optimizer.step()
         self.scheduler.step()
         return sums
+
+    def _shared_prefix_forward(self, model: nn.Module) -> SharedPrefixForward | None:
+        """The shared-prompt forward of ``model`` when config.share_prompt_prefix allows it and it applies."""
+        cfg = self.config
+        if not cfg.share_prompt_prefix or cfg.num_generations < 2 or cfg.gradient_checkpointing or self.dist.enabled:
+            return None
+        if unsupported_reason(model, max_length=0, training=True) is not None:
+            return None
+        return SharedPrefixForward(model)
+
+    def _shared_prompts(self, batch: Batch, micro_batches: list[torch.Tensor]) -> SharedPrompts | None:
+        """This step's prompt pass, run once per group and shared by the micro-batches, or None (then every
+        micro-batch runs [prompt; completion] whole). It applies when the batch's rows come in groups with
+        one prompt each and the pass's activations (one per prompt token) are no more than those of the
+        largest micro-batch (one per prompt and completion token), so it never raises peak memory by more
+        than one micro-batch's activations; with G = 8 and prompts shorter than completions it does not."""
+        g = self.config.num_generations
+        if self._prefix is None or not micro_batches:
+            return None
+        r = batch.rollout.trim()
+        if not groups_share_prompts(r.prompt_ids, r.prompt_mask, g):
+            return None
+        p, t = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+        if len(batch) // g * p > max(len(rows) for rows in micro_batches) * (p + t):
+            return None
+        with self._autocast():
+            return SharedPrompts(self._prefix, r.prompt_ids, r.prompt_mask, g)
 
     def _loss_scale(self, rows: int, all_rows: float) -> float:
         """Factor on a micro-batch's loss so that the rank-averaged gradient is the global one (see above)."""
@@ -603,10 +646,20 @@ class GRPOTrainer:
         """(B, T) per-token log-probs of the completions under ``model`` (forward only, chunked head)."""
         backbone, head = (self.backbone, self.head) if model is self.base_model else backbone_and_head(model)
         logprobs = torch.zeros(batch.rollout.completion_ids.shape, device=self.device)  # (B, T)
+        g, prompts = self.config.num_generations, None
+        same = model is self.base_model or self._prefix is None
+        prefix = self._prefix if same else self._shared_prefix_forward(model)  # else: the reference model
+        everything = batch.rollout.trim()
+        if prefix is not None and groups_share_prompts(everything.prompt_ids, everything.prompt_mask, g):
+            with self._autocast():  # each prompt once (forward only: keeps just its keys and values)
+                prompts = prefix.prompt_pass(everything.prompt_ids[::g], everything.prompt_mask[::g])
         for rows in self._micro_batches(batch):
             r = batch.rollout.select(rows).trim()
             with self._autocast():
-                hidden = completion_hidden(backbone, r.prompt_ids, r.prompt_mask, r.completion_ids)  # (b, t, H)
+                if prompts is not None:
+                    hidden = prefix.completion_hidden(prompts, rows // g, r.completion_ids, r.lengths)  # (b, t, H)
+                else:
+                    hidden = completion_hidden(backbone, r.prompt_ids, r.prompt_mask, r.completion_ids)
             stats = linear_token_logprobs(hidden, head.weight, r.completion_ids, head.bias, self.config.temperature,
                                           mask=r.completion_mask)  # fmt: skip
             logprobs[rows, : r.completion_ids.shape[1]] = stats.logprobs

@@ -120,3 +120,23 @@ def test_unsupported_models_use_the_generic_loop():
     window.config.sliding_window, window.config.use_sliding_window = 8, True
     assert "sliding-window" in unsupported_reason(window, 20)
     assert unsupported_reason(_model("qwen2").train(), 20) is not None
+
+
+def test_samples_of_one_prompt_share_its_prefill(monkeypatch):
+    """Rows repeating a prompt (G samples) are prefilled once per distinct prompt; every row's tokens equal
+    those of the generic loop, which prefills each row, greedy and with per-row uniform draws."""
+    model = _model("llama_gqa")
+    ids, mask = _batch(b=4, p=9, t=0, seed=5)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # 4 prompts x G = 3
+    uniforms = torch.rand(12, 8, generator=torch.Generator().manual_seed(0))
+    prefill_rows = []
+    real = LeanDecoder.forward
+    monkeypatch.setattr(LeanDecoder, "forward", lambda self, i, *a: prefill_rows.append(i.shape) or real(self, i, *a))
+    lean = [rollout.generate(model, ids, mask, 8, 5, 0, temperature=t, uniforms=uniforms) for t in (0.0, 1.0)]
+    assert prefill_rows[0] == (4, 9)  # the prefill ran on the 4 distinct prompts
+    monkeypatch.setattr(rollout, "unsupported_reason", lambda *args: "forced generic path")
+    generic = [rollout.generate(model, ids, mask, 8, 5, 0, temperature=t, uniforms=uniforms) for t in (0.0, 1.0)]
+    for a, b in zip(lean, generic):
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        assert torch.equal(a.completion_mask, b.completion_mask)
+    assert not torch.equal(lean[1].completion_ids[0], lean[1].completion_ids[1])  # samples of a prompt differ

@@ -1,0 +1,187 @@
+"""The shared-prompt forward (grpo_fast/shared_prefix.py) against the model's own full forward pass.
+
+Tiny random Llama-family models built from configs (no download): Qwen2 (q/k/v biases), Llama with
+grouped-query attention, Qwen3 (per-head q/k norms), Mistral with one key/value head. Prompts are left
+padded to different widths; micro-batches take rows from several groups in scrambled order. Hidden states
+and every parameter gradient must equal those of ``completion_hidden`` (the model's forward over
+[prompt; completion] for each row), and the trainer's update must not depend on the switch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from grpo_fast import shared_prefix, toy
+from grpo_fast.modeling import backbone_and_head, completion_hidden
+from grpo_fast.shared_prefix import SharedPrefixForward, SharedPrompts, groups_share_prompts
+from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
+
+V = 23
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64)
+CONFIGS = {
+    "qwen2": lambda: Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=4),
+    "llama_gqa": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": lambda: Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+    "mistral": lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
+}
+
+
+def _model(name: str, attn: str = "sdpa"):
+    torch.manual_seed(0)
+    config = CONFIGS[name]()
+    config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+def _grouped_batch(prompts=4, g=3, p=7, t=6, seed=1):
+    """(B, P) prompts repeated g times (left padding of different widths), (B, T) random completions."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (prompts, p), generator=gen)
+    mask = torch.ones(prompts, p, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[3 % prompts, : p - 1] = 0  # a one-token prompt
+    ids = ids.masked_fill(mask == 0, 0)
+    completions = torch.randint(1, V, (prompts * g, t), generator=gen)
+    return ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0), completions
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hidden_states_and_gradients_equal_the_full_forward(name, attention, monkeypatch):
+    """Micro-batches with rows of several groups in scrambled order, cut to different widths; the second
+    passes completion lengths, so its tokens are packed and positions past a row's end come out 0."""
+    if attention == "sdpa":
+        monkeypatch.setattr(shared_prefix, "SMALL_SCORES", 0)  # the branch long sequences take
+    model = _model(name)
+    g = 3
+    ids, mask, completions = _grouped_batch(g=g)
+    weights = torch.randn(completions.shape + (model.config.hidden_size,), generator=torch.Generator().manual_seed(2))
+    cuts = [
+        (torch.tensor([11, 0, 5, 7]), 4, None),
+        (torch.tensor([3, 1, 9, 2, 10, 4, 8, 6]), 6, [6, 1, 3, 6, 2, 5, 4, 1]),
+    ]
+    backbone = backbone_and_head(model)[0]
+    full = []
+    for rows, t, lengths in cuts:  # the reference: the model's own forward over [prompt; completion] per row
+        width = torch.tensor(lengths if lengths is not None else [t] * len(rows))
+        read = (torch.arange(t) < width[:, None])[..., None]  # (b, t, 1) bool: the positions a loss reads
+        full.append((completion_hidden(backbone, ids[rows], mask[rows], completions[rows, :t]), read))
+        (full[-1][0] * read * weights[rows, :t]).sum().backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    shared = SharedPrompts(SharedPrefixForward(model), ids, mask, g)
+    for (rows, t, lengths), (reference, read) in zip(cuts, full):
+        hidden = shared.hidden(rows, completions[rows, :t], None if lengths is None else torch.tensor(lengths))
+        torch.testing.assert_close(hidden * read, reference * read, rtol=1e-5, atol=1e-5)
+        assert not bool(hidden[~read.expand_as(hidden)].any())  # unread positions are exactly 0
+        (hidden * weights[rows, :t]).sum().backward()
+    before = _grads(model)
+    shared.backward()
+    after = _grads(model)
+    assert set(after) == set(expected)
+    for n in expected:  # fp32 rounding: the sums run in another order; scale by the gradient's size
+        scale = float(expected[n].abs().max())
+        torch.testing.assert_close(after[n], expected[n], rtol=1e-4, atol=5e-6 * scale, msg=n)
+    # the prompt pass's share arrived in backward(): the embedding gradient changed there
+    assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def test_forward_only_pass_keeps_no_graph_and_matches():
+    model = _model("qwen3").eval()
+    ids, mask, completions = _grouped_batch(g=2, prompts=3)
+    forward = SharedPrefixForward(model)
+    with torch.no_grad():
+        prompts = forward.prompt_pass(ids[::2], mask[::2])
+        hidden = forward.completion_hidden(prompts, torch.arange(6) // 2, completions)
+        full = completion_hidden(backbone_and_head(model)[0], ids, mask, completions)
+    assert not hidden.requires_grad
+    torch.testing.assert_close(hidden, full, rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_completions():
+    model = _model("qwen2")
+    ids, mask, completions = _grouped_batch(t=1)
+    forward = SharedPrefixForward(model)
+    hidden = forward.completion_hidden(forward.prompt_pass(ids[::3], mask[::3]), torch.arange(12) // 3, completions)
+    full = completion_hidden(backbone_and_head(model)[0], ids, mask, completions)
+    assert hidden.shape == (12, 1, 32)
+    torch.testing.assert_close(hidden, full, rtol=1e-5, atol=1e-5)
+
+
+def test_what_it_refuses():
+    ids, mask, _ = _grouped_batch(g=3)
+    assert groups_share_prompts(ids, mask, 3)
+    assert not groups_share_prompts(ids, mask, 1)  # nothing to share
+    assert not groups_share_prompts(ids[:-1], mask[:-1], 3)  # rows not a multiple of G
+    other = ids.clone()
+    other[1, -1] = (other[1, -1] % (V - 1)) + 1  # one sample of group 0 has another prompt
+    assert not groups_share_prompts(other, mask, 3)
+    right = mask.clone()
+    right[0, -1] = 0  # a prompt ending in padding
+    assert not groups_share_prompts(ids, right, 3)
+    with pytest.raises(ValueError, match="prompt_mask"):
+        SharedPrefixForward(_model("qwen2")).prompt_pass(ids, right)
+    dropout = _model("llama_gqa")
+    dropout.config.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="attention dropout"):
+        SharedPrefixForward(dropout)
+
+
+def _trainer(tmp_path, share: bool, **changes):
+    tok = toy.build_tokenizer()
+    model = toy.build_model(tok, seed=0, hidden_size=32, layers=2, heads=2, ffn=64)
+    base = dict(output_dir=str(tmp_path / str(share)), seed=3, max_steps=2, learning_rate=1e-2, adam_epsilon=1.0,
+                per_device_train_batch_size=6, gradient_accumulation_steps=2, num_generations=4,
+                max_completion_length=10, share_prompt_prefix=share)  # fmt: skip
+
+    def digit_share(prompts, completions, **kwargs):
+        return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+    data = toy.make_splits(num_train=64, num_dev=8, num_test=8)["train"]
+    return GRPOTrainer(model, digit_share, GRPOConfig(**{**base, **changes}), data, tokenizer=tok)
+
+
+@pytest.mark.parametrize("changes", [{}, {"beta": 0.04, "num_iterations": 2, "loss_type": "grpo"}])
+def test_trainer_update_does_not_depend_on_the_switch(tmp_path, changes, monkeypatch):
+    """Two steps with the prompt shared and with the model's own forward: the same parameters (the shared
+    path is really taken: its prompt passes are counted), the same metrics. With beta and mu = 2 the old
+    and reference log-probs take the shared path too."""
+    calls, real = [], SharedPrefixForward.prompt_pass
+    monkeypatch.setattr(SharedPrefixForward, "prompt_pass", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for share in (True, False):
+        trainer = _trainer(tmp_path, share, **changes)
+        metrics = [trainer.step() for _ in range(2)]
+        results.append(({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, metrics))
+    (shared, m_shared), (plain, m_plain) = results
+    assert len(calls) == (2 * (2 + 1 + 1) if changes else 2)  # per step: mu updates (+ old + ref log-probs)
+    for k in plain:
+        torch.testing.assert_close(shared[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
+    for a, b in zip(m_shared, m_plain):
+        for k in ("loss", "kl", "reward", "grad_norm", "completions/mean_length"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+def test_trainer_falls_back_when_the_prompt_pass_would_cost_memory(tmp_path):
+    """Long prompts and short micro-batches: holding every prompt's activations for the step would exceed
+    one micro-batch's, so the update runs the model's own forward."""
+    trainer = _trainer(tmp_path, True, per_device_train_batch_size=2, gradient_accumulation_steps=8)
+    trainer._seed_step()
+    batch, _ = trainer._sample_batch()
+    short = batch.rollout.completion_ids[:, :1]
+    batch.rollout.completion_ids, batch.rollout.completion_mask = short, torch.ones_like(short)
+    micro = trainer._micro_batches(batch)
+    assert trainer._shared_prompts(batch, micro) is None  # 4 prompts x 8 tokens > 2 rows x (8 + 1)
+    assert trainer._shared_prompts(batch, [torch.arange(len(batch))]) is not None
+    assert _trainer(tmp_path, False)._prefix is None
+    assert _trainer(tmp_path, True, gradient_checkpointing=True)._prefix is None
