@@ -95,15 +95,16 @@ class SharedPrefixForward:
         seen = prompts.mask[group][:, None, None, :].expand(b, 1, n, -1)
         causal = torch.ones(n, n, dtype=torch.bool, device=steps.device).tril().expand(b, 1, n, n)
         mask = torch.cat([seen, causal], dim=-1)  # (B, 1, n, P + n)
-        x = self.inner.embed_tokens(completion_ids[:, :n][need])[None]  # (1, N, H): the needed tokens, packed
-        _, _, x = self._layers(x, positions[need][None], mask, (prompts, group, need))
-        out = x.new_zeros(b, n, x.shape[-1])
-        out[need] = self.inner.norm(x[0])
+        flat = need.reshape(-1).nonzero().squeeze(1)  # (N,) the needed positions of the (B * n) layout
+        x = self.inner.embed_tokens(completion_ids[:, :n].reshape(-1)[flat])[None]  # (1, N, H): packed
+        _, _, x = self._layers(x, positions.reshape(-1)[flat][None], mask, (prompts, group, flat, (b, n)))
+        out = _unpack(self.inner.norm(x[0]), flat, (b, n))  # (B, n, H)
         return torch.cat([first, out], dim=1)
 
     def _layers(self, x, positions, mask, prefix):
-        """The decoder layers on x (B, L, H), or with ``prefix`` = (prompts, group, need) on packed
-        completion tokens x (1, N, H) whose attention runs on the padded (B, n) layout ``need`` marks."""
+        """The decoder layers on x (B, L, H), or with ``prefix`` = (prompts, group, flat, (B, n)) on packed
+        completion tokens x (1, N, H) whose attention runs on the padded (B, n) layout, where the packed
+        tokens sit at the flat positions ``flat``."""
         cos, sin = self.inner.rotary_emb(x, positions)
         keys, values = [], []
         for i, layer in enumerate(self.inner.layers):
@@ -112,14 +113,14 @@ class SharedPrefixForward:
             keys.append(k)
             values.append(v)
             if prefix is not None:
-                prompts, group, need = prefix
-                q, k, v = (_unpack(z, need) for z in (q, k, v))  # (B, heads, n, d)
+                prompts, group, flat, padded = prefix  # padded: (B, n)
+                q, k, v = (_unpack(z[0].transpose(0, 1), flat, padded).transpose(1, 2) for z in (q, k, v))
                 k = torch.cat([prompts.keys[i][group], k], dim=2)
                 v = torch.cat([prompts.values[i][group], v], dim=2)
             out = _attend(q, k, v, mask, attn.scaling)  # (B, heads, L, d)
             out = out.transpose(1, 2)  # (B, L, heads, d)
             if prefix is not None:
-                out = out[need][None]  # (1, N, heads, d)
+                out = out.reshape(-1, *out.shape[2:]).index_select(0, flat)[None]  # (1, N, heads, d)
             x = x + attn.o_proj(out.reshape(*x.shape[:2], -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return keys, values, x
@@ -144,12 +145,11 @@ def _attend(q, k, v, mask, scale: float) -> torch.Tensor:
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
 
-def _unpack(z: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
-    """(1, heads, N, d) packed per-token vectors -> (B, heads, n, d), zero where ``need`` (B, n) is False.
+def _unpack(z: torch.Tensor, flat: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Packed rows z (N, ...) -> (B, n, ...) with z[i] at flat position flat[i] and zeros elsewhere.
     A real query attends only to earlier positions of its row, which are all real (causal mask)."""
-    padded = z.new_zeros(*need.shape, z.shape[1], z.shape[3])
-    padded[need] = z[0].transpose(0, 1)
-    return padded.transpose(1, 2)
+    out = z.new_zeros(shape[0] * shape[1], *z.shape[1:]).index_copy(0, flat, z)
+    return out.view(*shape, *z.shape[1:])
 
 
 class SharedPrompts:
