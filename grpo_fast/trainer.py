@@ -531,9 +531,9 @@ class GRPOTrainer:
         num_items = max(float(counts[0]), 1.0)  # loss tokens in the global generation batch (dapo/cispo)
         all_rows = float(counts[1])
         self.optimizer.zero_grad(set_to_none=True)
-        micro_batches = self._micro_batches(batch)
+        shared = self._shared_prompts(batch)
+        micro_batches = self._update_passes(batch, shared is not None)
         passes = d.max_int(len(micro_batches)) if d.enabled else len(micro_batches)
-        shared = self._shared_prompts(batch, micro_batches)
         loss_sum, weighted, weights = 0.0, defaultdict(float), defaultdict(float)
         for i in range(passes):
             with no_sync(self._policy, skip=i < passes - 1):  # gradients are reduced in the last pass only
@@ -591,20 +591,21 @@ class GRPOTrainer:
             return None
         return SharedPrefixForward(model)
 
-    def _shared_prompts(self, batch: Batch, micro_batches: list[torch.Tensor]) -> SharedPrompts | None:
-        """This step's prompt pass, run once per group and shared by the micro-batches, or None (then every
-        micro-batch runs [prompt; completion] whole). It applies when the batch's rows come in groups with
-        one prompt each and the pass's activations (one per prompt token) are no more than those of the
-        largest micro-batch (one per prompt and completion token), so it never raises peak memory by more
-        than one micro-batch's activations; with G = 8 and prompts shorter than completions it does not."""
+    def _shared_prompts(self, batch: Batch) -> SharedPrompts | None:
+        """This step's prompt pass, run once per group and shared by the update's passes, or None (then each
+        pass runs [prompt; completion] whole). It applies when the batch's rows come in groups with one
+        prompt each and the prompt pass, whose activations live for the whole step, has no more tokens than
+        an average micro-batch has completion tokens (a pass's budget, see ``_update_passes``): it never
+        adds more than one pass's activations to the peak. With G = 8 and prompts shorter than
+        completions it is far below that."""
         g = self.config.num_generations
-        if self._prefix is None or not micro_batches:
+        if self._prefix is None or len(batch) == 0:
             return None
         r = batch.rollout.trim()
         if not groups_share_prompts(r.prompt_ids, r.prompt_mask, g):
             return None
-        p, t = r.prompt_ids.shape[1], r.completion_ids.shape[1]
-        if len(batch) // g * p > max(len(rows) for rows in micro_batches) * (p + t):
+        micro_batches = math.ceil(len(batch) / self.config.per_device_train_batch_size)
+        if len(batch) // g * r.prompt_ids.shape[1] > float(r.lengths.sum()) / micro_batches:
             return None
         with self._autocast():
             return SharedPrompts(self._prefix, r.prompt_ids, r.prompt_mask, g)
@@ -680,6 +681,30 @@ class GRPOTrainer:
             return []
         order = batch.rollout.lengths.argsort(stable=True)
         return list(order.split(self.config.per_device_train_batch_size))
+
+    def _update_passes(self, batch: Batch, shared: bool) -> list[torch.Tensor]:
+        """Row indices of the update's forward/backward passes: micro-batches balanced by tokens.
+
+        Activation memory grows with a pass's tokens, and with rows sorted by length the last of the
+        equal-row micro-batches holds the longest completions. Here each pass takes rows in length order
+        while rows x its widest row (prompt included unless ``shared``: the prompt pass is separate) stays
+        within the tokens of an average micro-batch; so no pass holds more than the equal-row micro-batch
+        with the most tokens, and usually far fewer. The gradient does not depend on the split (the
+        normalisers are those of the whole generation batch; grpo-like types rescale by rows in
+        ``_loss_scale``), except for bnpo's per-micro-batch token mean, which keeps TRL's micro-batches.
+        """
+        if self.config.loss_type == "bnpo" or len(batch) == 0:
+            return self._micro_batches(batch)
+        order = batch.rollout.lengths.argsort(stable=True)
+        prompt = 0 if shared else batch.rollout.trim().prompt_ids.shape[1]
+        widths = (batch.rollout.lengths[order] + prompt).tolist()  # ascending
+        budget = sum(widths) / math.ceil(len(batch) / self.config.per_device_train_batch_size)
+        passes, start = [], 0
+        for i, width in enumerate(widths):
+            if i > start and (i - start + 1) * width > budget:
+                passes.append(order[start:i])
+                start = i
+        return passes + [order[start:]]
 
     def _loss_mask(self, rollout: Rollout) -> torch.Tensor:
         """(B, T) float mask of the tokens in the loss; truncated completions are dropped when asked (DAPO)."""

@@ -173,15 +173,15 @@ def test_trainer_update_does_not_depend_on_the_switch(tmp_path, changes, monkeyp
 
 
 def test_trainer_falls_back_when_the_prompt_pass_would_cost_memory(tmp_path):
-    """Long prompts and short micro-batches: holding every prompt's activations for the step would exceed
-    one micro-batch's, so the update runs the model's own forward."""
-    trainer = _trainer(tmp_path, True, per_device_train_batch_size=2, gradient_accumulation_steps=8)
+    """Prompts longer than an average micro-batch's completion tokens: holding the prompt pass's
+    activations for the whole step would cost more than one pass, so the update runs the model's own
+    forward."""
+    trainer = _trainer(tmp_path, True, per_device_train_batch_size=8, gradient_accumulation_steps=2)
     trainer._seed_step()
-    batch, _ = trainer._sample_batch()
-    short = batch.rollout.completion_ids[:, :1]
-    batch.rollout.completion_ids, batch.rollout.completion_mask = short, torch.ones_like(short)
-    micro = trainer._micro_batches(batch)
-    assert trainer._shared_prompts(batch, micro) is None  # 4 prompts x 8 tokens > 2 rows x (8 + 1)
-    assert trainer._shared_prompts(batch, [torch.arange(len(batch))]) is not None
+    batch, _ = trainer._sample_batch()  # 4 prompts of 8 tokens x G = 4
+    for width, shared in ((10, True), (1, False)):  # average micro-batch: 8 rows x width completion tokens
+        ids = torch.full((16, width), 9)
+        batch.rollout.completion_ids, batch.rollout.completion_mask = ids, torch.ones_like(ids)
+        assert (trainer._shared_prompts(batch) is not None) == shared  # 32 prompt tokens vs 80, then 8
     assert _trainer(tmp_path, False)._prefix is None
     assert _trainer(tmp_path, True, gradient_checkpointing=True)._prefix is None

@@ -145,6 +145,39 @@ def test_gradient_accumulation_matches_one_micro_batch(tmp_path, data, loss_type
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_token_balanced_passes_give_the_micro_batch_update(tmp_path, data, loss_type, monkeypatch):
+    """The update's passes are balanced by tokens (no pass above the biggest equal-row micro-batch); the
+    update equals the one over equal-row micro-batches (TRL's split), and bnpo keeps TRL's split."""
+    results = []
+    for split in ("tokens", "rows"):
+        tok, model = tiny()
+        cfg = config(tmp_path / split, per_device_train_batch_size=4, gradient_accumulation_steps=4, adam_epsilon=1.0,
+                     loss_type=loss_type, max_grad_norm=0.0, max_completion_length=16)  # fmt: skip
+        trainer = GRPOTrainer(model, digit_share, cfg, data["train"], tokenizer=tok)
+        if split == "rows":
+            monkeypatch.setattr(trainer, "_update_passes", lambda batch, shared, t=trainer: t._micro_batches(batch))
+        else:
+            trainer._seed_step()
+            batch, _ = trainer._sample_batch()
+            passes, micro = trainer._update_passes(batch, False), trainer._micro_batches(batch)
+            assert sorted(torch.cat(passes).tolist()) == list(range(len(batch)))  # every row once
+            width = batch.rollout.prompt_ids.shape[1] + batch.rollout.lengths
+            cost = [len(r) * int(width[r].max()) for r in passes]
+            assert max(cost) <= max(len(r) * int(width[r].max()) for r in micro)
+            assert len(set(map(len, passes))) > 1  # really another split than equal rows
+            trainer = GRPOTrainer(model, digit_share, cfg, data["train"], tokenizer=tok)  # the same step again
+        trainer.step()
+        results.append(params(model))
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-7)
+    tok, model = tiny()
+    bnpo = GRPOTrainer(model, digit_share, config(tmp_path / "bnpo", loss_type="bnpo"), data["train"], tokenizer=tok)
+    bnpo._seed_step()
+    batch, _ = bnpo._sample_batch()
+    assert [r.tolist() for r in bnpo._update_passes(batch, True)] == [r.tolist() for r in bnpo._micro_batches(batch)]
+
+
 def test_dynamic_sampling_trains_only_on_groups_with_spread(tmp_path, data):
     def odd_prompts_only(prompts, completions, **kwargs):
         return [float(len(c) % 2) if int(p[0]) % 2 else 0.0 for p, c in zip(prompts, completions)]
