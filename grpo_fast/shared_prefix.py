@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .decoding import project_qkv, unsupported_reason
 from .modeling import position_ids_from_mask
@@ -53,13 +54,18 @@ class PromptPass:
 
 class SharedPrefixForward:
     """Forward passes of a Llama-family causal LM (see ``decoding.unsupported_reason``) in two parts:
-    ``prompt_pass`` over distinct prompts, ``completion_hidden`` over completions that point at them."""
+    ``prompt_pass`` over distinct prompts, ``completion_hidden`` over completions that point at them.
 
-    def __init__(self, model: nn.Module):
+    checkpoint: activation checkpointing of each decoder layer of the completion passes (as the model's
+    own gradient checkpointing: only each layer's input is kept, the layer reruns in backward); the
+    prompt pass, whose keys and values the completions read, keeps its activations.
+    """
+
+    def __init__(self, model: nn.Module, checkpoint: bool = False):
         reason = unsupported_reason(model, max_length=0, training=True)
         if reason is not None:
             raise ValueError(f"shared-prefix forward cannot run this model: {reason}")
-        self.model, self.inner = model, model.model
+        self.model, self.inner, self.recompute = model, model.model, checkpoint
         self.heads = model.config.num_attention_heads
         self.kv_heads = getattr(model.config, "num_key_value_heads", None) or self.heads
 
@@ -104,26 +110,35 @@ class SharedPrefixForward:
     def _layers(self, x, positions, mask, prefix):
         """The decoder layers on x (B, L, H), or with ``prefix`` = (prompts, group, flat, (B, n)) on packed
         completion tokens x (1, N, H) whose attention runs on the padded (B, n) layout, where the packed
-        tokens sit at the flat positions ``flat``."""
+        tokens sit at the flat positions ``flat``. With ``checkpoint``, each completion layer keeps only
+        its input and recomputes the rest in backward."""
         cos, sin = self.inner.rotary_emb(x, positions)
         keys, values = [], []
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            q, k, v = project_qkv(attn, layer.input_layernorm(x), cos, sin, self.heads, self.kv_heads)
+        for i in range(len(self.inner.layers)):
+            if self.recompute and prefix is not None and torch.is_grad_enabled():
+                x = checkpoint(lambda *a: self._layer(*a)[2], i, x, cos, sin, mask, prefix, use_reentrant=False)
+                continue
+            k, v, x = self._layer(i, x, cos, sin, mask, prefix)
             keys.append(k)
             values.append(v)
-            if prefix is not None:
-                prompts, group, flat, padded = prefix  # padded: (B, n)
-                q, k, v = (_unpack(z[0].transpose(0, 1), flat, padded).transpose(1, 2) for z in (q, k, v))
-                k = torch.cat([prompts.keys[i][group], k], dim=2)
-                v = torch.cat([prompts.values[i][group], v], dim=2)
-            out = _attend(q, k, v, mask, attn.scaling)  # (B, heads, L, d)
-            out = out.transpose(1, 2)  # (B, L, heads, d)
-            if prefix is not None:
-                out = out.reshape(-1, *out.shape[2:]).index_select(0, flat)[None]  # (1, N, heads, d)
-            x = x + attn.o_proj(out.reshape(*x.shape[:2], -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
         return keys, values, x
+
+    def _layer(self, i, x, cos, sin, mask, prefix):
+        layer = self.inner.layers[i]
+        attn = layer.self_attn
+        q, k, v = project_qkv(attn, layer.input_layernorm(x), cos, sin, self.heads, self.kv_heads)
+        keys, values = k, v
+        if prefix is not None:
+            prompts, group, flat, padded = prefix  # padded: (B, n)
+            q, k, v = (_unpack(z[0].transpose(0, 1), flat, padded).transpose(1, 2) for z in (q, k, v))
+            k = torch.cat([prompts.keys[i][group], k], dim=2)
+            v = torch.cat([prompts.values[i][group], v], dim=2)
+        out = _attend(q, k, v, mask, attn.scaling)  # (B, heads, L, d)
+        out = out.transpose(1, 2)  # (B, L, heads, d)
+        if prefix is not None:
+            out = out.reshape(-1, *out.shape[2:]).index_select(0, flat)[None]  # (1, N, heads, d)
+        x = x + attn.o_proj(out.reshape(*x.shape[:2], -1))
+        return keys, values, x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 SMALL_SCORES = 1 << 22  # elements of the (B, heads, L, keys) score tensor below which CPU uses plain matmuls

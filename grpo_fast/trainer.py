@@ -101,7 +101,7 @@ class GRPOConfig:
     share_prompt_prefix: bool = _f(
         True,
         "run each prompt once per group in the update's forward passes, not once per completion "
-        "(grpo_fast.shared_prefix; Llama-family models, one process, no gradient checkpointing)",
+        "(grpo_fast.shared_prefix; Llama-family models, one process)",
     )
     # generation
     num_generations: int = _f(8, "G, completions per prompt. DeepSeekMath 64, DeepSeek-R1 16, TRL 8")
@@ -585,11 +585,11 @@ class GRPOTrainer:
     def _shared_prefix_forward(self, model: nn.Module) -> SharedPrefixForward | None:
         """The shared-prompt forward of ``model`` when config.share_prompt_prefix allows it and it applies."""
         cfg = self.config
-        if not cfg.share_prompt_prefix or cfg.num_generations < 2 or cfg.gradient_checkpointing or self.dist.enabled:
+        if not cfg.share_prompt_prefix or cfg.num_generations < 2 or self.dist.enabled:
             return None
         if unsupported_reason(model, max_length=0, training=True) is not None:
             return None
-        return SharedPrefixForward(model)
+        return SharedPrefixForward(model, checkpoint=cfg.gradient_checkpointing)
 
     def _shared_prompts(self, batch: Batch) -> SharedPrompts | None:
         """This step's prompt pass, run once per group and shared by the update's passes, or None (then each

@@ -184,4 +184,31 @@ def test_trainer_falls_back_when_the_prompt_pass_would_cost_memory(tmp_path):
         batch.rollout.completion_ids, batch.rollout.completion_mask = ids, torch.ones_like(ids)
         assert (trainer._shared_prompts(batch) is not None) == shared  # 32 prompt tokens vs 80, then 8
     assert _trainer(tmp_path, False)._prefix is None
-    assert _trainer(tmp_path, True, gradient_checkpointing=True)._prefix is None
+    assert _trainer(tmp_path, True, gradient_checkpointing=True)._prefix.recompute
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama_gqa"])
+def test_checkpointed_completion_layers_give_the_same_gradients_and_keep_less(name):
+    """checkpoint=True: the same gradients (prompt pass included), and the completion pass saves only each
+    layer's input for backward (counted through saved-tensor hooks) instead of every activation."""
+    ids, mask, completions = _grouped_batch(g=3)
+    lengths = torch.tensor([6, 1, 3, 6, 2, 5, 4, 1, 6, 6, 3, 2])
+    grads, saved = [], []
+    for checkpoint in (False, True):
+        model = _model(name)
+        shared = SharedPrompts(SharedPrefixForward(model, checkpoint=checkpoint), ids, mask, 3)
+        sizes = []
+
+        def keep(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            hidden = shared.hidden(torch.arange(12), completions, lengths)
+        (hidden * torch.linspace(-1, 1, hidden.numel()).view_as(hidden)).sum().backward()
+        shared.backward()
+        grads.append(_grads(model))
+        saved.append(sum(sizes))
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert saved[1] < saved[0] / 3
