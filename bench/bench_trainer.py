@@ -5,7 +5,8 @@
 Both trainers get the demo's 0.53M-parameter Qwen2 and character tokenizer (grpo_fast.toy, freshly
 initialised: step time depends on the batch shape, not on what the model knows), P prompts x G
 completions of at most T new tokens at temperature 1.0, the dapo loss, beta 0, one optimizer step per
-generation batch in micro-batches of ``micro`` completions, and the accuracy reward. A step = sampling
+generation batch with per_device_train_batch_size ``micro`` (TRL splits the update by rows; grpo_fast
+balances its passes by tokens), and the accuracy reward. A step = sampling
 + rewards + advantages + the update. grpo_fast is timed by pytest-benchmark around ``trainer.step()``;
 TRL's loop cannot be entered one step at a time, so its steps are timed by a callback from
 on_step_begin to on_step_end (generation happens inside, in TRL's ``_prepare_inputs``) and handed to

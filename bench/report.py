@@ -163,7 +163,7 @@ def trainer_table(data: dict) -> list[str]:
         lines += [
             "",
             f"**One GRPO step: {r0['prompts']} prompts x G={r0['group']} completions, <= {r0['max_new']} "
-            f"new tokens, micro-batches of {r0['micro']}** (sampling + rewards + update)",
+            f"new tokens, per_device_train_batch_size {r0['micro']}** (sampling + rewards + update)",
             "",
         ]
         lines += [

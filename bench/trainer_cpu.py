@@ -3,8 +3,9 @@
 Launch:  python -m bench.trainer_cpu [--steps 6 --warmup 2]
 Both trainers: the 0.5M-parameter Qwen2 and character tokenizer of `grpo-fast demo` (untrained weights:
 step time depends on batch shape, not on what the model knows), 32 prompts x G = 8 completions of at
-most 40 tokens, temperature 1.0, dapo loss, beta 0, one optimizer step per generation batch split into
-4 micro-batches of 64, accuracy reward, fp32, no gradient checkpointing (TRL's defaults are bf16 autocast
+most 40 tokens, temperature 1.0, dapo loss, beta 0, one optimizer step per generation batch
+(per_device_train_batch_size 64 x gradient_accumulation_steps 4; grpo_fast balances its update passes by
+tokens, TRL splits by rows), accuracy reward, fp32, no gradient checkpointing (TRL's defaults are bf16 autocast
 and gradient checkpointing: set off here to match). Each trainer runs in its own subprocess; reported: median
 step time after warm-up (sampling + rewards + update) and the peak RSS above the process after the
 model, tokenizer and data exist.
