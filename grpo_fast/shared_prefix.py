@@ -90,7 +90,9 @@ class SharedPrefixForward:
         predict nothing: they are left out of every matrix product (the rows are packed) and come out 0.
         """
         b, t = completion_ids.shape
-        first = prompts.last[group][:, None]  # (B, 1, H): the prompt's last position predicts token 0
+        # index_select, not [group]: its backward (index_add) sums a group's rows in a fixed order, where
+        # indexing's (index_put with accumulate) varied between runs in the last bits, measured
+        first = prompts.last.index_select(0, group)[:, None]  # (B, 1, H): predicts completion token 0
         if t == 1:
             return first
         n = t - 1  # the last token predicts nothing inside the completion
@@ -131,8 +133,8 @@ class SharedPrefixForward:
         if prefix is not None:
             prompts, group, flat, padded = prefix  # padded: (B, n)
             q, k, v = (_unpack(z[0].transpose(0, 1), flat, padded).transpose(1, 2) for z in (q, k, v))
-            k = torch.cat([prompts.keys[i][group], k], dim=2)
-            v = torch.cat([prompts.values[i][group], v], dim=2)
+            k = torch.cat([prompts.keys[i].index_select(0, group), k], dim=2)
+            v = torch.cat([prompts.values[i].index_select(0, group), v], dim=2)
         out = _attend(q, k, v, mask, attn.scaling)  # (B, heads, L, d)
         out = out.transpose(1, 2)  # (B, L, heads, d)
         if prefix is not None:
