@@ -24,7 +24,7 @@ from torch import nn
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def unsupported_reason(model: nn.Module, max_length: int, training: bool = False) -> str | None:
+def unsupported_reason(model: nn.Module, max_length: float, training: bool = False) -> str | None:
     """Why ``LeanDecoder`` cannot run ``model`` for sequences of ``max_length`` tokens (None = it can).
 
     training=True: for a forward pass with gradients (grpo_fast.shared_prefix), which accepts a model

@@ -21,6 +21,7 @@ which the trainer allows only when they are no larger than one micro-batch's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,8 @@ class SharedPrefixForward:
     prompt pass, whose keys and values the completions read, keeps its activations.
     """
 
-    def __init__(self, model: nn.Module, checkpoint: bool = False):
-        reason = unsupported_reason(model, max_length=0, training=True)
+    def __init__(self, model: nn.Module, max_length: float = math.inf, checkpoint: bool = False):
+        reason = unsupported_reason(model, max_length, training=True)  # e.g. a sliding window below it
         if reason is not None:
             raise ValueError(f"shared-prefix forward cannot run this model: {reason}")
         self.model, self.inner, self.recompute = model, model.model, checkpoint
@@ -149,9 +150,9 @@ SMALL_SCORES = 1 << 22  # elements of the (B, heads, L, keys) score tensor below
 def _attend(q, k, v, mask, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, where mask) v with grouped key/value heads (as the models' repeat_kv).
 
-    On CPU, short sequences go through two matmuls and a float32 softmax (as the models' eager attention):
-    6% of a demo-sized update faster than the CPU flash kernel, measured; anything larger, and every other
-    device, through ``scaled_dot_product_attention``, which never holds the score tensor.
+    On CPU, short sequences go through two matmuls and a float32 softmax (as the models' eager attention),
+    which beat the CPU flash kernel on demo-sized updates here; anything larger, and every other device,
+    through ``scaled_dot_product_attention``, which never holds the score tensor.
     """
     group = q.shape[1] // k.shape[1]
     if q.device.type != "cpu" or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] > SMALL_SCORES:

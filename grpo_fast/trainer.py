@@ -587,9 +587,10 @@ class GRPOTrainer:
         cfg = self.config
         if not cfg.share_prompt_prefix or cfg.num_generations < 2 or self.dist.enabled:
             return None
-        if unsupported_reason(model, max_length=0, training=True) is not None:
+        longest = math.inf if cfg.max_prompt_length is None else cfg.max_prompt_length + cfg.max_completion_length
+        if unsupported_reason(model, longest, training=True) is not None:  # e.g. a sliding window below it
             return None
-        return SharedPrefixForward(model, checkpoint=cfg.gradient_checkpointing)
+        return SharedPrefixForward(model, longest, checkpoint=cfg.gradient_checkpointing)
 
     def _shared_prompts(self, batch: Batch) -> SharedPrompts | None:
         """This step's prompt pass, run once per group and shared by the update's passes, or None (then each

@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from llama_family import CONFIGS, V
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from grpo_fast import rollout
 from grpo_fast.decoding import LeanDecoder, unsupported_reason
 from grpo_fast.modeling import position_ids_from_mask
-
-V = 23
-COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64)
-CONFIGS = {
-    "qwen2": lambda: Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=4),
-    "llama_gqa": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": lambda: Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-    "mistral": lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
-}
 
 
 def _model(name: str):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from llama_family import CONFIGS, V
+from transformers import AutoModelForCausalLM
 
 from grpo_fast import shared_prefix, toy
 from grpo_fast.modeling import backbone_and_head, completion_hidden
@@ -19,15 +20,6 @@ from grpo_fast.shared_prefix import SharedPrefixForward, SharedPrompts, groups_s
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
-
-V = 23
-COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64)
-CONFIGS = {
-    "qwen2": lambda: Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=4),
-    "llama_gqa": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": lambda: Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-    "mistral": lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
-}
 
 
 def _model(name: str, attn: str = "sdpa"):
@@ -134,6 +126,11 @@ def test_what_it_refuses():
     dropout.config.attention_dropout = 0.1
     with pytest.raises(ValueError, match="attention dropout"):
         SharedPrefixForward(dropout)
+    window = _model("mistral")
+    window.config.sliding_window, window.config.use_sliding_window = 8, True
+    with pytest.raises(ValueError, match="sliding-window"):
+        SharedPrefixForward(window)  # full attention would differ beyond the window
+    SharedPrefixForward(window, max_length=8)  # within the window it is full attention
 
 
 def _trainer(tmp_path, share: bool, **changes):
