@@ -208,6 +208,56 @@ def measure(benchmark, case: Case, rounds: int, device: torch.device) -> dict:
     return info
 
 
+def measure_paired(benchmark, case: Case, floor: Case, rounds: int, device: torch.device) -> dict:
+    """``measure`` for a method and its floor in alternating rounds (floor, method, floor, method, ...).
+
+    Measured in separate processes a minute apart, the two drifted apart with the machine (10-20% per
+    hour here); alternating, each method round has a floor round seconds before it. Every call gets its
+    own peak-memory window (base: the RSS just before it). The method's rounds are the benchmark's
+    record; the floor's go into its extra_info under "floor".
+    """
+    t0 = time.perf_counter()
+    for c in (floor, case):
+        if c.warmup is not None:
+            c.setup()
+            c.warmup()
+            synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {"floor": [], "method": []}
+    peaks = {"floor": 0, "method": 0}
+    for _ in range(rounds):
+        for key, c in (("floor", floor), ("method", case)):
+            c.setup()
+            synchronize(device)
+            peak = PeakMemory(device)
+            peak.start()
+            start = time.perf_counter()
+            c.run()
+            synchronize(device)
+            times[key].append(time.perf_counter() - start)
+            peaks[key] = max(peaks[key], peak.stop())
+    c.setup()  # the method's last gradients go; they are not part of anything measured after
+    record_external(benchmark, times["method"])
+    info = {
+        **case.extra_info,
+        "warmup_s": round(warmup_s, 4),
+        "peak_bytes": peaks["method"],
+        "peak_extra_bytes": max(peaks["method"] - case.grad_bytes, 0),
+        "grad_bytes": case.grad_bytes,
+        "memory_kind": PeakMemory(device).kind + ", per call",
+        "peak_reset": device.type == "cuda" or can_reset_rss_peak(),
+        "threads": torch.get_num_threads(),
+        "loadavg": loadavg(),
+        "floor": {
+            **floor.extra_info,
+            "times": times["floor"],
+            "peak_extra_bytes": max(peaks["floor"] - floor.grad_bytes, 0),
+        },
+    }
+    benchmark.extra_info.update(info)
+    return info
+
+
 def record_external(benchmark, durations: list[float]) -> None:
     """Hand durations timed elsewhere (TRL's training loop, by a callback) to pytest-benchmark.
 

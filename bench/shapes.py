@@ -38,7 +38,8 @@ class LogitsShape:
 
 @dataclass(frozen=True)
 class LinearShape:
-    """(B, T, H) hidden states, a (V, H) LM head, both in ``dtype``."""
+    """(B, T, H) hidden states, a (V, H) LM head, both in ``dtype``. ``paired_rounds``: rounds of the
+    method timed alternating with the GEMM floor (None: ``rounds``)."""
 
     b: int
     t: int
@@ -48,6 +49,7 @@ class LinearShape:
     rounds: int
     full_warmup: bool = True
     methods: tuple[str, ...] | None = None  # None: every method
+    paired_rounds: int | None = None
 
     @property
     def n(self) -> int:
@@ -91,9 +93,8 @@ def _short(dtype: str) -> str:
 
 # LM heads (H, V): Qwen2.5-0.5B, Qwen2.5-1.5B, Llama-3.2-1B, Gemma-3-4B
 _GPU_HEADS = ((896, QWEN25_V), (1536, QWEN25_V), (2048, LLAMA3_V), (2560, GEMMA3_V))
-_CPU_BIG = ("gemm_floor", "grpo_fast_torch", "naive", "liger")
+_CPU_BIG = ("grpo_fast_torch", "naive", "liger")  # the GEMM floor runs paired with grpo_fast (bench_linear)
 _CPU_N512 = (
-    "gemm_floor",
     "grpo_fast_torch",
     "grpo_fast_triton",
     "naive",
@@ -103,7 +104,7 @@ _CPU_N512 = (
     "cce_torch_compile",
 )  # every linear method but liger_compile
 # Liger's torch path in bf16 takes ~70 s per call at N = 2048 on the AVX-512 machine: left out for time
-_CPU_BF16 = ("gemm_floor", "grpo_fast_torch", "naive", "naive_compile")
+_CPU_BF16 = ("grpo_fast_torch", "naive", "naive_compile")
 PROFILES = {
     "gpu": Profile(
         logits=tuple(
@@ -122,15 +123,16 @@ PROFILES = {
     # 32-token call: imports, lazy init, and the correctness check); the compiled peers (a full-size compile
     # + warm-up call each) run at N = 512 only (CCE's fallback; Liger's compiled path, slower than its eager
     # one on both machines, is left out), plus torch.compile at N = 1024 in bf16. On the AVX2 machine
-    # (2026-11-30) the previous profile (N = 2048, Liger compiled) took 18 min 24 s: hence N = 1024.
+    # (2026-11-30) the previous profile (N = 2048, Liger compiled) took 18 min 24 s: hence N = 1024. A round
+    # varies by up to +-10% here, so grpo_fast and the floor it is held to get a third round each.
     "cpu": Profile(
         logits=(
             LogitsShape(1, 256, QWEN25_V, "float32", rounds=5),
             LogitsShape(4, 256, QWEN25_V, "float32", rounds=3),
         ),
         linear=(
-            LinearShape(2, 256, 896, QWEN25_V, "float32", rounds=2, full_warmup=False, methods=_CPU_N512),
-            LinearShape(4, 256, 896, QWEN25_V, "float32", rounds=2, full_warmup=False, methods=_CPU_BIG),
+            LinearShape(2, 256, 896, QWEN25_V, "float32", 2, full_warmup=False, methods=_CPU_N512, paired_rounds=3),
+            LinearShape(4, 256, 896, QWEN25_V, "float32", 2, full_warmup=False, methods=_CPU_BIG, paired_rounds=3),
             LinearShape(4, 256, 896, QWEN25_V, "bfloat16", rounds=2, full_warmup=False, methods=_CPU_BF16),
         ),
         trainer=(TrainerShape(32, 8, 40, 64, warmup=2, rounds=4),),

@@ -33,7 +33,9 @@ def skip_reason(method, device: torch.device) -> str | None:
     return None
 
 
-def bench_method(benchmark, method, mode: str, shape, x, small: Callable, check: Callable, info: dict, device):
+def bench_method(
+    benchmark, method, mode: str, shape, x, small: Callable, check: Callable, info: dict, device, floor=None
+):
     """Time ``method`` in ``mode`` on inputs ``x`` and record memory, the check and the fwd/bwd split.
 
     Args:
@@ -44,6 +46,8 @@ def bench_method(benchmark, method, mode: str, shape, x, small: Callable, check:
         small: () -> small inputs of the same vocabulary and dtype, for the eager warm-up and check.
         check: (method, mode, inputs) -> dict of errors vs the float64 reference (raises if too large).
         info: the record's description (suite, shape, bytes or flops, ...).
+        floor: a method computing only the floor's work (the GEMM floor), timed in rounds alternating
+            with ``method``'s (``harness.measure_paired``); None: ``method`` alone.
     """
     reason = skip_reason(method, device)
     if reason is not None:
@@ -86,7 +90,11 @@ def bench_method(benchmark, method, mode: str, shape, x, small: Callable, check:
     grad_bytes = 0 if mode == "logprobs" else sum(leaf.numel() * leaf.element_size() for leaf in leaves)
     case = harness.Case(run=run, setup=setup, warmup=warmup, grad_bytes=grad_bytes, extra_info=info)
     try:
-        harness.measure(benchmark, case, shape.rounds, device)
+        if floor is None:
+            harness.measure(benchmark, case, shape.rounds, device)
+        else:
+            floor_case = _floor_case(floor, mode, shape, x, small, setup, grad_bytes)
+            harness.measure_paired(benchmark, case, floor_case, shape.paired_rounds or shape.rounds, device)
     except torch.OutOfMemoryError as err:  # e.g. naive logits of a 262144-word vocabulary on a GPU
         pytest.skip(f"{method.label}: out of memory at {shape.id} ({str(err).splitlines()[0]})")
     benchmark.extra_info.update({f"check_{k}": v for k, v in checked.items()})
@@ -94,6 +102,24 @@ def bench_method(benchmark, method, mode: str, shape, x, small: Callable, check:
     if splits:
         benchmark.extra_info["fwd_s"] = _median([s[0] for s in splits])
         benchmark.extra_info["bwd_s"] = _median([s[1] for s in splits])
+
+
+def _floor_case(floor, mode: str, shape, x, small: Callable, setup: Callable, grad_bytes: int) -> harness.Case:
+    """The floor's calls on the same inputs (it computes no loss: its gradients are formed directly)."""
+
+    def run():
+        if mode == "logprobs":
+            with torch.no_grad():
+                return floor.logprobs(x)
+        return floor.loss(x)
+
+    def warmup():
+        (floor.logprobs if mode == "logprobs" else floor.loss)(small())
+        if shape.full_warmup:
+            run()
+
+    info = {"method": floor.name, "label": floor.label, "is_floor": True}
+    return harness.Case(run=run, setup=setup, warmup=warmup, grad_bytes=grad_bytes, extra_info=info)
 
 
 def _median(values: list[float]) -> float:

@@ -7,6 +7,7 @@ import torch
 
 import grpo_fast as gf
 from grpo_fast import reference
+from grpo_fast.ops import linear_loss
 
 B, T, H, V = 3, 5, 16, 53
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
@@ -58,8 +59,15 @@ def _rel(a, b):
 CASES = list(itertools.product(LOSS_TYPES, ("token", "sequence"), (True, False), (0.0, 0.05), (1.0, 0.7)))
 
 
+@pytest.mark.parametrize("row_passes", ("eager", "compiled"))
 @pytest.mark.parametrize("loss_type,level,off_policy,entropy_coef,temperature", CASES)
-def test_torch_backend_matches_float64_reference(loss_type, level, off_policy, entropy_coef, temperature):
+def test_torch_backend_matches_float64_reference(
+    loss_type, level, off_policy, entropy_coef, temperature, row_passes, monkeypatch
+):
+    """Both CPU row-pass implementations: the eager one (toy vocabularies) and token_stats' compiled one
+    (real vocabularies; here switched on for V = 53)."""
+    if row_passes == "compiled":
+        monkeypatch.setattr(linear_loss, "_COMPILED_MIN_VOCAB", 0)
     cfg = gf.LossConfig(
         loss_type=loss_type,
         importance_sampling_level=level,

@@ -429,6 +429,27 @@ def test_compiled_cpu_forward_equals_eager(kind, dtype, tau):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("tau", (1.0, 0.7))
+@pytest.mark.parametrize("with_entropy_grad", (False, True))
+@pytest.mark.parametrize("kind", ("random", "huge", "neg_inf", "wide"))
+def test_compiled_cpu_gradient_equals_eager(kind, with_entropy_grad, tau):
+    """``grad_cpu`` (the fused linear loss's per-chunk gradient on CPU) writes over the logits what the
+    eager backward computes, for every active row of the hard cases."""
+    z, ids, active = _hard_logits(kind, F32)
+    z, ids = z[active][None].contiguous(), ids[active][None]  # (1, M, V): grad_cpu takes whole rows
+    every = torch.ones(ids.shape, dtype=torch.bool)
+    logp, entropy, norm = ts_mod.forward_cpu(z, ids, every, 1.0 / tau, True)
+    g = torch.Generator().manual_seed(3)
+    gl = torch.randn(ids.shape, generator=g)
+    ge = torch.randn(ids.shape, generator=g) if with_entropy_grad else None
+    want = ts_mod._backward_torch(z, ids, every, norm, entropy, gl, ge, 1.0 / tau, torch.empty_like(z))
+    got = z.clone()
+    assert ts_mod.grad_cpu(got, ids, norm, entropy, gl, ge, 1.0 / tau) is got  # in place
+    assert ts_mod._COMPILED_GRAD["ran"] and not ts_mod._COMPILED_GRAD["failed"]
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     """A toolchain that cannot compile (no C++ compiler, say) gives one warning and the eager numbers."""
 

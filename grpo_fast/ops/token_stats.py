@@ -103,37 +103,83 @@ def _row_stats(logits, ids, active, tau, with_entropy: bool):
     return logp, entropy, norm
 
 
-_COMPILED = {"fn": None, "ran": False, "failed": False, "warned": False}
+_COMPILED = {"fn": None, "ran": False, "failed": False, "warned": False}  # _row_stats
+_COMPILED_GRAD = {"fn": None, "ran": False, "failed": False, "warned": False}  # _row_grads
 # The compiled path runs only in the process that imported this module: a process forked from it inherits
 # inductor's compile workers and locks mid-state and can deadlock in them (seen with fork-started trainers).
 _HOME_PID = os.getpid()
 
 
-def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
-    """The compiled ``_row_stats`` (compiled once per process and variant: dtype, entropy flag, sizes of 1;
-    any other shape reuses it), or ``_forward_torch`` when compilation is switched off, has never worked
-    here (e.g. no C++ compiler; a warning says so), fails for this call, the input is empty, or this is a
-    forked child (see ``_HOME_PID``)."""
-    eager = os.environ.get("GRPO_FAST_EAGER", "").lower() in ("1", "true", "yes", "on")
-    if eager or _COMPILED["failed"] or logits.numel() == 0 or os.getpid() != _HOME_PID:
-        return _forward_torch(logits, ids, active, inv_tau, with_entropy)
-    if _COMPILED["fn"] is None:
-        _COMPILED["fn"] = torch.compile(_row_stats, dynamic=True, fullgraph=True)
-    tau = torch.tensor(1.0 / inv_tau, dtype=torch.float32)
+def _run_compiled(state: dict, fn, args: tuple, eager, what: str):
+    """``state["fn"]`` (``fn`` compiled once per process, dynamic shapes) on args, or ``eager()`` when
+    compilation is switched off (``GRPO_FAST_EAGER=1``), has never worked here (e.g. no C++ compiler; a
+    warning says so), fails for this call, or this is a forked child (see ``_HOME_PID``)."""
+    off = os.environ.get("GRPO_FAST_EAGER", "").lower() in ("1", "true", "yes", "on")
+    if off or state["failed"] or os.getpid() != _HOME_PID:
+        return eager()
+    if state["fn"] is None:
+        state["fn"] = torch.compile(fn, dynamic=True, fullgraph=True)
     try:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-            inputs = (_baseless(logits), _baseless(ids), _baseless(active))
-            out = _COMPILED["fn"](*inputs, tau, with_entropy)
+            out = state["fn"](*args)
     except Exception as err:  # a toolchain or compiler failure: the eager path computes the same numbers
-        _COMPILED["failed"] = not _COMPILED["ran"]  # it never worked in this process: stop trying
-        if not _COMPILED["warned"]:
-            _COMPILED["warned"] = True
+        state["failed"] = not state["ran"]  # it never worked in this process: stop trying
+        if not state["warned"]:
+            state["warned"] = True
             reason = f"{type(err).__name__}: {str(err)[:300]}"
-            message = f"grpo_fast: torch.compile of the CPU token statistics failed ({reason}); using the eager path"
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-        return _forward_torch(logits, ids, active, inv_tau, with_entropy)
-    _COMPILED["ran"] = True
+            message = f"grpo_fast: torch.compile of the CPU {what} failed ({reason}); using the eager path"
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        return eager()
+    state["ran"] = True
     return out
+
+
+def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
+    """The compiled ``_row_stats`` (compiled once per process and variant: dtype, entropy flag, sizes of 1;
+    any other shape reuses it), or ``_forward_torch`` where ``_run_compiled`` says so or the input is empty."""
+
+    def eager():
+        return _forward_torch(logits, ids, active, inv_tau, with_entropy)
+
+    if logits.numel() == 0:
+        return eager()
+    tau = torch.tensor(1.0 / inv_tau, dtype=torch.float32)
+    args = (_baseless(logits), _baseless(ids), _baseless(active), tau, with_entropy)
+    return _run_compiled(_COMPILED, _row_stats, args, eager, "token statistics")
+
+
+def _row_grads(logits, ids, norm, entropy, grad_logp, grad_entropy, tau, with_entropy_grad: bool):
+    """d loss / d logits written over the float32 logits (B, T, V), every row, as one fused pass for
+    ``torch.compile``: the formula of the module docstring, from ``_row_stats``' norm (m, log s)."""
+    log_p = (logits - norm[..., 0:1]) / tau - norm[..., 1:2]
+    p = torch.exp(log_p)
+    gl = grad_logp.unsqueeze(-1)
+    if with_entropy_grad:  # p = 0 entries (logit -inf) contribute 0, not 0 * -inf
+        coef = gl + grad_entropy.unsqueeze(-1) * (log_p + entropy.unsqueeze(-1))
+        g = -p * torch.where(p > 0, coef, 0.0)
+    else:
+        g = -p * gl
+    target = torch.arange(logits.shape[-1], device=logits.device) == ids.unsqueeze(-1)
+    logits.copy_(torch.where(target, g + gl, g) / tau)
+
+
+def grad_cpu(logits, ids, norm, entropy, grad_logp, grad_entropy, inv_tau: float) -> torch.Tensor:
+    """d loss / d logits for every row of float32 CPU logits (B, T, V), written into the logits' own
+    storage and returned: the compiled ``_row_grads`` (one read, one write), or ``_backward_torch``.
+    grad_entropy: None when the loss does not use the entropy."""
+    active = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+
+    def eager():
+        return _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, logits)
+
+    if logits.numel() == 0 or logits.dtype != torch.float32:
+        return eager()
+    tau = torch.tensor(1.0 / inv_tau, dtype=torch.float32)
+    with_ent = grad_entropy is not None
+    ge = grad_entropy if with_ent else grad_logp  # a stand-in the graph does not read
+    args = (_baseless(logits), _baseless(ids), norm, entropy, grad_logp, ge, tau, with_ent)
+    _run_compiled(_COMPILED_GRAD, _row_grads, args, eager, "logit gradients")
+    return logits
 
 
 def _baseless(t: torch.Tensor) -> torch.Tensor:
