@@ -70,7 +70,7 @@ def demo_configs(seed: int, out: str | Path, steps: int) -> tuple[SFTConfig, GRP
     return sft, grpo
 
 
-def run_demo(seed: int = 0, out: str | Path | None = None, steps: int = 150, threads: int | None = None) -> dict:
+def run_demo(seed: int = 0, out: str | Path | None = None, steps: int = 200, threads: int | None = None) -> dict:
     """Run the whole demo; returns (and writes to out/summary.json) the summary.
 
     threads: a fixed torch intra-op thread count; None = adapt it to the idle cores (``ThreadGovernor``).
