@@ -105,7 +105,10 @@ def _spread(r: dict) -> str:
 
 
 def _mib(x: float | None) -> str:
-    return "-" if x is None else f"{x / MIB:,.0f}" if x >= 10 * MIB else f"{x / MIB:.1f}"
+    """MiB, to 0.001 below 0.1 MiB: the fused forward-only paths hold only their outputs (a few KiB)."""
+    if x is None:
+        return "-"
+    return f"{x / MIB:,.0f}" if x >= 10 * MIB else f"{x / MIB:.1f}" if x >= 0.1 * MIB else f"{x / MIB:.3f}"
 
 
 def _groups(rows: list[dict]) -> OrderedDict:
