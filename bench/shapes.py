@@ -38,8 +38,8 @@ class LogitsShape:
 
 @dataclass(frozen=True)
 class LinearShape:
-    """(B, T, H) hidden states, a (V, H) LM head, both in ``dtype``. ``paired_rounds``: rounds of the
-    method timed alternating with the GEMM floor (None: ``rounds``)."""
+    """(B, T, H) hidden states, a (V, H) LM head, both in ``dtype``. ``paired_rounds``: (log-probs, loss)
+    rounds of the method timed alternating with the GEMM floor (None: ``rounds``)."""
 
     b: int
     t: int
@@ -49,7 +49,7 @@ class LinearShape:
     rounds: int
     full_warmup: bool = True
     methods: tuple[str, ...] | None = None  # None: every method
-    paired_rounds: int | None = None
+    paired_rounds: tuple[int, int] | None = None
 
     @property
     def n(self) -> int:
@@ -124,15 +124,16 @@ PROFILES = {
     # + warm-up call each) run at N = 512 only (CCE's fallback; Liger's compiled path, slower than its eager
     # one on both machines, is left out), plus torch.compile at N = 1024 in bf16. On the AVX2 machine
     # (2026-11-30) the previous profile (N = 2048, Liger compiled) took 18 min 24 s: hence N = 1024. A round
-    # varies by up to +-10% here, so grpo_fast and the floor it is held to get a third round each.
+    # can vary by 10-30% here, so grpo_fast and the floor it is held to get more rounds: 5 of the forward-only
+    # pass (~4 s a pair at N = 1024), 3 of the loss (~20 s a pair).
     "cpu": Profile(
         logits=(
             LogitsShape(1, 256, QWEN25_V, "float32", rounds=5),
             LogitsShape(4, 256, QWEN25_V, "float32", rounds=3),
         ),
         linear=(
-            LinearShape(2, 256, 896, QWEN25_V, "float32", 2, full_warmup=False, methods=_CPU_N512, paired_rounds=3),
-            LinearShape(4, 256, 896, QWEN25_V, "float32", 2, full_warmup=False, methods=_CPU_BIG, paired_rounds=3),
+            LinearShape(2, 256, 896, QWEN25_V, "float32", 2, False, methods=_CPU_N512, paired_rounds=(5, 3)),
+            LinearShape(4, 256, 896, QWEN25_V, "float32", 2, False, methods=_CPU_BIG, paired_rounds=(5, 3)),
             LinearShape(4, 256, 896, QWEN25_V, "bfloat16", rounds=2, full_warmup=False, methods=_CPU_BF16),
         ),
         trainer=(TrainerShape(32, 8, 40, 64, warmup=2, rounds=4),),

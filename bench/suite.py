@@ -94,7 +94,9 @@ def bench_method(
             harness.measure(benchmark, case, shape.rounds, device)
         else:
             floor_case = _floor_case(floor, mode, shape, x, small, setup, grad_bytes)
-            harness.measure_paired(benchmark, case, floor_case, shape.paired_rounds or shape.rounds, device)
+            paired = getattr(shape, "paired_rounds", None)
+            rounds = shape.rounds if paired is None else paired[0 if mode == "logprobs" else 1]
+            harness.measure_paired(benchmark, case, floor_case, rounds, device)
     except torch.OutOfMemoryError as err:  # e.g. naive logits of a 262144-word vocabulary on a GPU
         pytest.skip(f"{method.label}: out of memory at {shape.id} ({str(err).splitlines()[0]})")
     benchmark.extra_info.update({f"check_{k}": v for k, v in checked.items()})

@@ -130,19 +130,21 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        tokens = _decode_loop(
-            model,
-            prompt_ids,
-            prompt_mask,
-            max_new_tokens,
-            eos_token_id,
-            pad_token_id,
-            temperature,
-            top_p,
-            top_k,
-            generator,
-            uniforms,
-        )
+        with torch.inference_mode():  # no_grad's per-op bookkeeping (version counters, views) is skipped
+            tokens = _decode_loop(
+                model,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens,
+                eos_token_id,
+                pad_token_id,
+                temperature,
+                top_p,
+                top_k,
+                generator,
+                uniforms,
+            )
+        tokens = tokens.clone()  # a normal tensor: the update's autograd may save it (embedding indices)
     finally:
         model.train(was_training)
     is_eos = tokens == eos_token_id  # (B, T)
