@@ -197,7 +197,9 @@ class LinearGRPOFunction(torch.autograd.Function):
             ent_all.view(-1)[r] = ent
             if compiled:  # g written over z
                 d_ent = None if d_ent is None or not bool((d_ent != 0).any()) else d_ent[None]
-                g = token_stats.grad_cpu(z[None], ids[r][None], norm, ent[None], d_lp[None], d_ent, inv_tau)[0]
+                z3, ids3 = z[None], ids[r][None]
+                token_stats.grad_cpu(z3, ids3, _all_rows(r), norm, ent[None], d_lp[None], d_ent, inv_tau, out=z3)
+                g = z
             else:
                 g = chunk_grad_logits(logp_v, p, ent, ids[r], d_lp, d_ent, inv_tau)  # (C, V) float32
             _accumulate_grads(g, h_c, weight, r, grad_h, grad_w, grad_b, ws)

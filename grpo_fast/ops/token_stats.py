@@ -11,7 +11,9 @@ Two implementations share the registration below: ``torch`` and ``triton`` (grpo
 CUDA, or CPU under TRITON_INTERPRET=1). The torch forward on CPU is ``_row_stats`` compiled by
 ``torch.compile`` (inductor turns it into per-row loops: no (rows, V) temporary, one kernel), falling
 back to the eager, row-chunked ``_forward_torch`` where compilation is unavailable or switched off
-(``GRPO_FAST_EAGER=1``); the torch backward is always the eager one.
+(``GRPO_FAST_EAGER=1``). The torch backward on CPU is ``_row_grads`` compiled the same way (one read of
+the logits, one write of the gradient), with the eager ``_backward_torch`` as its fallback and on other
+devices.
 The op is a ``torch.library.custom_op`` so ``torch.compile(fullgraph=True)`` traces around it.
 """
 
@@ -148,10 +150,11 @@ def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
     return _run_compiled(_COMPILED, _row_stats, args, eager, "token statistics")
 
 
-def _row_grads(logits, ids, norm, entropy, grad_logp, grad_entropy, tau, with_entropy_grad: bool):
-    """d loss / d logits written over the float32 logits (B, T, V), every row, as one fused pass for
-    ``torch.compile``: the formula of the module docstring, from ``_row_stats``' norm (m, log s)."""
-    log_p = (logits - norm[..., 0:1]) / tau - norm[..., 1:2]
+def _row_grads(logits, ids, active, norm, entropy, grad_logp, grad_entropy, tau, with_entropy_grad: bool, out):
+    """d loss / d logits (B, T, V) into ``out`` (None: over the logits), as one fused pass for
+    ``torch.compile``: the formula of the module docstring, from ``_row_stats``' norm (m, log s);
+    inactive rows get 0."""
+    log_p = (logits.float() - norm[..., 0:1]) / tau - norm[..., 1:2]
     p = torch.exp(log_p)
     gl = grad_logp.unsqueeze(-1)
     if with_entropy_grad:  # p = 0 entries (logit -inf) contribute 0, not 0 * -inf
@@ -160,26 +163,29 @@ def _row_grads(logits, ids, norm, entropy, grad_logp, grad_entropy, tau, with_en
     else:
         g = -p * gl
     target = torch.arange(logits.shape[-1], device=logits.device) == ids.unsqueeze(-1)
-    logits.copy_(torch.where(target, g + gl, g) / tau)
+    g = torch.where(active.unsqueeze(-1), torch.where(target, g + gl, g) / tau, 0.0)
+    (logits if out is None else out).copy_(g)
 
 
-def grad_cpu(logits, ids, norm, entropy, grad_logp, grad_entropy, inv_tau: float) -> torch.Tensor:
-    """d loss / d logits for every row of float32 CPU logits (B, T, V), written into the logits' own
-    storage and returned: the compiled ``_row_grads`` (one read, one write), or ``_backward_torch``.
+def grad_cpu(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau: float, out) -> torch.Tensor:
+    """d loss / d logits of CPU logits (B, T, V) into ``out`` (which may be the logits themselves) and
+    returned: the compiled ``_row_grads`` (one read, one write), or ``_backward_torch``.
     grad_entropy: None when the loss does not use the entropy."""
-    active = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
 
     def eager():
-        return _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, logits)
+        return _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
 
-    if logits.numel() == 0 or logits.dtype != torch.float32:
+    if logits.numel() == 0:
         return eager()
     tau = torch.tensor(1.0 / inv_tau, dtype=torch.float32)
     with_ent = grad_entropy is not None
     ge = grad_entropy if with_ent else grad_logp  # a stand-in the graph does not read
-    args = (_baseless(logits), _baseless(ids), norm, entropy, grad_logp, ge, tau, with_ent)
+    same = out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride()
+    target = None if same else _baseless(out)
+    tensors = (logits, ids, active, norm, entropy, grad_logp, ge)
+    args = (*(_baseless(t) for t in tensors), tau, with_ent, target)
     _run_compiled(_COMPILED_GRAD, _row_grads, args, eager, "logit gradients")
-    return logits
+    return out
 
 
 def _baseless(t: torch.Tensor) -> torch.Tensor:
@@ -284,6 +290,8 @@ def _backward(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_t
         return _triton().token_stats_backward(
             logits, ids, active, lse, entropy, grad_logp, grad_entropy, 1.0 / inv_tau, out
         )
+    if logits.device.type == "cpu":
+        return grad_cpu(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
     return _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
 
 
