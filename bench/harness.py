@@ -236,7 +236,7 @@ def measure_paired(benchmark, case: Case, floor: Case, rounds: int, device: torc
             synchronize(device)
             times[key].append(time.perf_counter() - start)
             peaks[key] = max(peaks[key], peak.stop())
-    c.setup()  # the method's last gradients go; they are not part of anything measured after
+    case.setup()  # the method's last gradients go; they are not part of anything measured after
     record_external(benchmark, times["method"])
     info = {
         **case.extra_info,

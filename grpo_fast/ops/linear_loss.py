@@ -34,10 +34,9 @@ from . import token_stats
 _CHUNK_ELEMENTS = 1 << 25
 _GRAD_W_BLOCK = 8192  # vocabulary rows per low-precision grad_W product (8192 x H bf16: 14 MB at H = 896)
 # On CPU, from this vocabulary size on, a chunk's row statistics and gradient are token_stats' compiled row
-# passes (2 reads + 1 read/write of the chunk, no second (C, V) buffer). Measured here, one 220 x 151936
-# chunk: ~35 ms each, ~70 ms together against ~95 ms for the eager passes, and 134 MB less memory; the
-# compilation costs ~11 s once per process (cache warm), which a toy vocabulary (the demo's V = 21) would
-# never earn back.
+# passes (2 reads + 1 read/write of the chunk, no second (C, V) buffer: 134 MB less at V = 151936, see
+# bench.run's fused-linear memory). The compilation costs seconds once per process, which a toy
+# vocabulary (the demo's V = 21) would never earn back.
 _COMPILED_MIN_VOCAB = 8192
 
 
