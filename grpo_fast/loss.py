@@ -72,9 +72,9 @@ def token_logprobs(
     check_shape("ids", ids, logits.shape[:2], "logits.shape[:2]")
     active = active_mask(mask, ids.shape, "mask", ids.device)
     check_same_device(logits=logits, ids=ids, mask=mask)
-    check_ids("ids", ids, logits.shape[-1], active)
+    check_ids("ids", ids, logits.shape[-1], None if mask is None else active)
     backend = check_backend(backend, logits.device, logits.dtype)
-    ids = usable_ids(ids, active)
+    ids = usable_ids(ids, active, mask)
     debug.check_inputs(active, ids, logits=logits)
     logp, entropy = _stats(logits, ids, active, temperature, return_entropy, backend)
     return TokenLogprobs(logp, entropy if return_entropy else None)
@@ -128,10 +128,10 @@ def grpo_loss(
         ref_logprobs=ref_logprobs,
         importance_ratio=importance_ratio,
     )
-    check_ids("completion_ids", completion_ids, logits.shape[-1], active)
+    check_ids("completion_ids", completion_ids, logits.shape[-1], None if completion_mask is None else active)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     backend = check_backend(backend, logits.device, logits.dtype)
-    ids = usable_ids(completion_ids, active)
+    ids = usable_ids(completion_ids, active, completion_mask)
     debug.check_inputs(active, ids, logits=logits, advantages=advantages, old_logprobs=old_logprobs,
                        ref_logprobs=ref_logprobs, importance_ratio=importance_ratio)  # fmt: skip
     if backend == "reference":
@@ -217,9 +217,10 @@ def active_mask(mask, shape, name: str, device) -> torch.Tensor:
     return mask != 0
 
 
-def usable_ids(ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """int64 ids with 0 at masked positions, where callers may leave padding such as -100."""
-    return ids.long().masked_fill(~active, 0)
+def usable_ids(ids: torch.Tensor, active: torch.Tensor, mask) -> torch.Tensor:
+    """int64 ids with 0 at masked positions, where callers may leave padding such as -100; with no
+    ``mask`` every position is used and int64 ids are returned as they are (no copy)."""
+    return ids.long() if mask is None else ids.long().masked_fill(~active, 0)
 
 
 def check_config(config) -> LossConfig:

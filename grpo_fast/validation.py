@@ -50,10 +50,10 @@ def check_ids(name: str, ids: torch.Tensor, vocab: int, mask: torch.Tensor | Non
         raise TypeError(f"{name} must be int64 or int32 token ids, got {ids.dtype}")
     if ids.numel() == 0 or not data_checks_enabled():
         return
-    used = ids if mask is None else ids[mask != 0]
+    used = ids if mask is None else ids[mask != 0]  # mask None: no copy of the ids
     if used.numel() == 0:
         return
-    lo, hi = int(used.min()), int(used.max())
+    lo, hi = (int(x) for x in torch.aminmax(used))
     if lo < 0 or hi >= vocab:
         raise ValueError(f"{name} must be in [0, {vocab}) (the vocabulary size), got values in [{lo}, {hi}]")
 

@@ -341,6 +341,13 @@ def test_token_logprobs(return_entropy, with_mask, dtype):
             if return_entropy:
                 assert bool((out.entropy[active == 0] == 0).all())
                 assert_close(out.entropy, h64, dtype, f"entropy: {backend} tau={tau}")
+        ids_before = ids.clone()
+        with torch.no_grad():  # the no-gradient path (no norm kept, ids not copied when there is no mask)
+            quiet = grpo_fast.token_logprobs(logits, ids, tau, return_entropy, "torch", m)
+        assert torch.equal(ids, ids_before)
+        torch.testing.assert_close(quiet.logprobs, results["torch"][0].logprobs, rtol=1e-6, atol=1e-6)
+        if return_entropy:
+            torch.testing.assert_close(quiet.entropy, results["torch"][0].entropy, rtol=1e-6, atol=1e-6)
         (fast, fast_grad), (plain, plain_grad) = results["torch"], results["reference"]
         assert_no_worse(fast.logprobs, plain.logprobs, lp64, dtype, "logprob")
         assert_no_worse(fast_grad, plain_grad, x64.grad, dtype, "grad")
@@ -427,6 +434,10 @@ def test_compiled_cpu_forward_equals_eager(kind, dtype, tau):
         assert bool((got[~active] == 0).all()), f"{name}: inactive rows must be exactly 0"
         scale = 3e3 if kind == "huge" else 1.0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5 * scale, msg=name)
+    no_norm = ts_mod.forward_cpu(z, ids, active, 1.0 / tau, True, with_norm=False)  # the no-gradient variant
+    assert no_norm[2] is None
+    for got, want, name in zip(no_norm[:2], compiled[:2], ("logp", "entropy")):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"{name} without the norm")
 
 
 @pytest.mark.parametrize("inplace", (False, True))

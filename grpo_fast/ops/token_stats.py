@@ -83,11 +83,12 @@ def _forward_torch(logits, ids, active, inv_tau: float, with_entropy: bool):
     return logp, entropy, norm
 
 
-def _row_stats(logits, ids, active, tau, with_entropy: bool):
+def _row_stats(logits, ids, active, tau, with_entropy: bool, with_norm: bool = True):
     """``_forward_torch``'s statistics for every row at once, written for ``torch.compile``: the same
     formulas (shift by the row max, then divide by tau), but as whole-tensor expressions that inductor
     fuses into a max pass and one pass of sums per row, so nothing of size V is stored. tau: 0-d float32
-    tensor (a Python float would compile once per temperature)."""
+    tensor (a Python float would compile once per temperature). with_norm False: no norm (None), for
+    callers that need no gradient."""
     m = logits.amax(dim=-1, keepdim=True).float()
     m = torch.where(torch.isfinite(m), m, 0.0)  # an all -inf row: no NaN from -inf - -inf
     x = (logits.float() - m) / tau  # (B, T, V) expression, never materialised
@@ -101,6 +102,8 @@ def _row_stats(logits, ids, active, tau, with_entropy: bool):
     if with_entropy:
         expected = torch.where(p > 0, p * x, 0.0).sum(-1)  # -inf logits (p = 0) contribute 0, not NaN
         entropy = torch.where(active, log_s - expected / s, zero)
+    if not with_norm:
+        return logp, entropy, None
     norm = torch.stack([torch.where(active, m.squeeze(-1), zero), torch.where(active, log_s, zero)], dim=-1)
     return logp, entropy, norm
 
@@ -136,9 +139,10 @@ def _run_compiled(state: dict, fn, args: tuple, eager, what: str):
     return out
 
 
-def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
-    """The compiled ``_row_stats`` (compiled once per process and variant: dtype, entropy flag, sizes of 1;
-    any other shape reuses it), or ``_forward_torch`` where ``_run_compiled`` says so or the input is empty."""
+def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool, with_norm: bool = True):
+    """The compiled ``_row_stats`` (compiled once per process and variant: dtype, entropy and norm flags,
+    sizes of 1; any other shape reuses it), or ``_forward_torch`` where ``_run_compiled`` says so or the
+    input is empty. with_norm False may return None for the norm (the compiled path then never allocates it)."""
 
     def eager():
         return _forward_torch(logits, ids, active, inv_tau, with_entropy)
@@ -146,7 +150,7 @@ def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool):
     if logits.numel() == 0:
         return eager()
     tau = torch.tensor(1.0 / inv_tau, dtype=torch.float32)
-    args = (_baseless(logits), _baseless(ids), _baseless(active), tau, with_entropy)
+    args = (_baseless(logits), _baseless(ids), _baseless(active), tau, with_entropy, with_norm)
     return _run_compiled(_COMPILED, _row_stats, args, eager, "token statistics")
 
 
@@ -360,6 +364,10 @@ def token_stats(
         inplace_backward: write d loss / d logits into the logits' storage.
     """
     inv_tau = 1.0 / float(temperature)
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if not (needs_grad or use_triton or torch.compiler.is_compiling()) and logits.device.type == "cpu":
+        logp, entropy, _ = forward_cpu(logits, ids, active, inv_tau, with_entropy, with_norm=False)  # no (B, T, 2)
+        return logp, entropy
     fn = _InplaceTokenStats.apply if inplace_backward else _token_stats_op
     logp, entropy, _ = fn(logits, ids, active, inv_tau, with_entropy, use_triton)
     return logp, entropy
