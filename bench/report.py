@@ -61,13 +61,17 @@ _SHAPE_KEYS = (
 
 def records(data: dict, suite: str) -> list[dict]:
     """The suite's records; a floor timed alternating with a method (``harness.measure_paired``) becomes
-    a record of its own, just before that method's."""
+    a record of its own, just before that method's; a peer trainer's alternating steps, just after it."""
     out = []
     for b in data.get("benchmarks", []):
         e = b.get("extra_info", {})
         if e.get("suite") == suite:
             s = b["stats"]
             out.append({**e, "median": s["median"], "min": s["min"], "max": s["max"], "rounds": s["rounds"]})
+            if "paired" in e:  # a peer's steps, alternating with the method's (bench.trainer_steps)
+                times = e["paired"]["times"]
+                stats = {"median": statistics.median(times), "min": min(times), "max": max(times), "rounds": len(times)}
+                out.append({**e["paired"], **stats, "paired_with": e["method"]})
             if "floor" in e:
                 times = e["floor"]["times"]
                 stats = {"median": statistics.median(times), "min": min(times), "max": max(times), "rounds": len(times)}
@@ -209,10 +213,18 @@ def trainer_table(data: dict) -> list[str]:
             if ours and trl:
                 lines.append(
                     f"\n{what} gradient checkpointing: TRL median / grpo_fast median "
-                    f"{trl['median'] / ours['median']:.2f}x; peak extra memory grpo_fast "
+                    f"{trl['median'] / ours['median']:.2f}x{_round_ratios(ours, trl)}; peak extra memory grpo_fast "
                     f"{_mib(ours['peak_extra_bytes'])} vs TRL {_mib(trl['peak_extra_bytes'])} MiB"
                 )
     return lines
+
+
+def _round_ratios(ours: dict, trl: dict) -> str:
+    """Per round of alternating steps (bench.trainer_steps), TRL's step / grpo_fast's: their range."""
+    if trl.get("paired_with") != ours["method"] or len(ours.get("times", ())) != len(trl["times"]):
+        return ""
+    ratios = [t / o for o, t in zip(ours["times"], trl["times"])]
+    return f" (steps alternating; per round {min(ratios):.2f}-{max(ratios):.2f}x)"
 
 
 def ceiling_table(data: dict, ceil: dict) -> list[str]:

@@ -136,7 +136,7 @@ PROFILES = {
             LinearShape(4, 256, 896, QWEN25_V, "float32", 2, False, methods=_CPU_BIG, paired_rounds=(5, 3)),
             LinearShape(4, 256, 896, QWEN25_V, "bfloat16", rounds=2, full_warmup=False, methods=_CPU_BF16),
         ),
-        trainer=(TrainerShape(32, 8, 40, 64, warmup=2, rounds=4),),
+        trainer=(TrainerShape(32, 8, 40, 64, warmup=2, rounds=6),),
         ceiling_copy_mib=1024,
         ceiling_gemm=4096,
         ceiling_rounds=3,
