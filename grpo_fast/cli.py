@@ -7,7 +7,8 @@
     grpo-fast pipeline [--config FILE] [--stages a,b]          the DeepSeek-R1 recipe, stage by stage (toy task)
 
 A training config file is YAML with GRPOConfig keys (see grpo_fast.trainer) plus the run keys of
-``RunArguments`` below; ``--key value`` overrides any of them. Unknown keys are errors.
+``RunArguments`` below (model, data, rewards, device, LoRA); ``--key value`` overrides any of them.
+Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class RunArguments:
         "prompt" column. eval_dataset: a local file; with dataset "toy", None = the toy held-out split.
     reward_funcs: built-in reward names (grpo_fast.rewards.REWARD_FUNCTIONS).
     device: "cpu", "cuda", ...; None = cuda when available.
+    use_peft, lora_*: train LoRA adapters only (``peft.LoraConfig``; TRL's ModelConfig names).
+        lora_target_modules None = peft's default modules for the architecture; never the LM head.
     """
 
     model_name_or_path: str = "toy"
@@ -40,6 +43,23 @@ class RunArguments:
     eval_dataset: str | None = None
     reward_funcs: tuple[str, ...] = ("accuracy",)
     device: str | None = None
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] | None = None
+
+    def peft_config(self):
+        """The ``peft.LoraConfig`` of these arguments, or None without ``use_peft``."""
+        if not self.use_peft:
+            return None
+        try:
+            from peft import LoraConfig
+        except ImportError as error:
+            raise configio.ConfigError("use_peft needs the peft package: pip install 'grpo-fast[peft]'") from error
+        targets = None if self.lora_target_modules is None else list(self.lora_target_modules)
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +155,8 @@ def _train(args, rest) -> int:
     train, evaluation = _datasets(run.dataset, run.eval_dataset, config.seed)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     config.to_yaml(Path(config.output_dir) / "grpo_config.yaml")
-    trainer = GRPOTrainer(model, list(run.reward_funcs), config, train, eval_dataset=evaluation, tokenizer=tokenizer)
+    trainer = GRPOTrainer(model, list(run.reward_funcs), config, train, eval_dataset=evaluation, tokenizer=tokenizer,
+                          peft_config=run.peft_config())  # fmt: skip
     metrics = trainer.train(resume_from_checkpoint=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward", "step"))}, indent=2))
     return 0

@@ -8,6 +8,8 @@ so the (B, T, V) logits are never built by the trainer.
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,12 +26,32 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     """``AutoModelForCausalLM.from_pretrained`` from a local directory, with the attention picked above.
 
     dtype None = float32 (training keeps fp32 master weights; bf16 is used through autocast on CUDA).
+    A directory of LoRA adapters (a peft checkpoint: adapter_config.json) loads its base model from the
+    local directory the adapters name, and returns it with the adapters merged in.
     """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, attn_implementation=attn_implementation(device)
-    ).to(device)
+    adapters = Path(path) / "adapter_config.json"
+    base = _adapter_base(adapters) if adapters.exists() else path
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=dtype or torch.float32, attn_implementation=attn_implementation(device)
+    )
+    if adapters.exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model.to(device)
+
+
+def _adapter_base(adapter_config: Path) -> str:
+    """The local base-model directory a peft checkpoint names (nothing is downloaded)."""
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").exists():
+        raise ValueError(
+            f"{adapter_config.parent} holds LoRA adapters whose base model {base!r} is not a local model "
+            "directory; load the base model and apply the adapters with peft.PeftModel.from_pretrained"
+        )
+    return base
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:

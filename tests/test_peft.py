@@ -104,3 +104,58 @@ def test_lora_on_the_lm_head_is_refused(data, tmp_path):
         tok, model = tiny()
         with pytest.raises(ValueError, match="LM head 'lm_head'"):
             GRPOTrainer(model, digit_share, config(tmp_path), data["train"], tokenizer=tok, peft_config=peft_config)
+
+
+def test_cli_trains_lora_and_evaluates_the_merged_adapters(tmp_path, capsys):
+    """`grpo-fast train` with use_peft on a local model directory: the checkpoint holds adapters only,
+    --resume continues from them, and `grpo-fast eval` loads base + adapters, merged."""
+    import json
+
+    import yaml
+
+    from grpo_fast.cli import main
+
+    tok, base = tiny()
+    base_dir, run_dir = tmp_path / "base", tmp_path / "run"
+    base.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(run_dir), "model_name_or_path": str(base_dir), "max_steps": 2,
+                                    "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 8,
+                                    "learning_rate": 1e-2, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
+                                    "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "up_proj"]}))  # fmt: skip
+    assert main(["train", "--config", str(path), "--max_steps", "1"]) == 0
+    assert main(["train", "--config", str(path), "--resume"]) == 0  # continues to max_steps = 2
+    ckpt = run_dir / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+    adapter = json.loads((ckpt / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "up_proj"]
+    assert adapter["base_model_name_or_path"] == str(base_dir)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ckpt), "--num-prompts", "4", "--max-new-tokens", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompts"] == 4
+
+
+def test_load_model_merges_adapters_into_their_local_base(tmp_path):
+    from grpo_fast.modeling import load_model
+
+    _, base = tiny()
+    base.save_pretrained(tmp_path / "base")
+    _, fresh = tiny()
+    fresh.name_or_path = str(tmp_path / "base")  # what from_pretrained would have set
+    adapted = peft.get_peft_model(fresh, lora(init_lora_weights=False)).eval()  # random B: the adapters act
+    adapted.save_pretrained(tmp_path / "adapters")
+    merged = load_model(str(tmp_path / "adapters")).eval()
+    ids = torch.tensor([[9, 10, 11, 13, 12, 14, 18]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=0, atol=1e-5)
+        assert (merged(ids).logits - tiny()[1](ids).logits).abs().max() > 1e-3
+    assert not any("lora" in name for name, _ in merged.named_parameters())  # merged, not wrapped
+
+
+def test_adapters_without_a_local_base_model_are_refused(tmp_path):
+    from grpo_fast.modeling import load_model
+
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}')
+    with pytest.raises(ValueError, match="not a local model directory"):
+        load_model(str(tmp_path))
