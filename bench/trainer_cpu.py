@@ -16,7 +16,7 @@ import json
 import statistics
 
 from bench.shapes import TrainerShape
-from bench.trainer_steps import TRAINERS, run_paired
+from bench.trainer_steps import TRAINERS, run_paired, trl_available
 
 
 def main() -> None:
@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     p.add_argument("--out", help="also write the step times to this JSON file")
     args = p.parse_args()
+    if not trl_available():
+        p.error("this comparison needs TRL: pip install trl (bench.run's trainer suite runs grpo_fast alone)")
     shape = TrainerShape(32, 8, 40, 64, warmup=args.warmup, rounds=args.steps)
     result = run_paired(shape, args.checkpointing, TRAINERS)
     gc = ", gradient checkpointing" if args.checkpointing else ""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -140,8 +141,6 @@ def _child_trl(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> 
 
 
 def child_main(argv: list[str]) -> None:
-    import tempfile
-
     trainer, gc, shape = argv[0], argv[1] == "gc", TrainerShape(**json.loads(argv[2]))
     device = harness.bench_device()
     gate = _Gate(device, shape.warmup)
