@@ -383,6 +383,7 @@ class GRPOTrainer:
             weight_decay=config.weight_decay,
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_epsilon,
+            fused=_fused_adamw(model),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
         self.state = TrainerState(seed=config.seed)
@@ -1085,6 +1086,16 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _fused_adamw(model: nn.Module) -> bool:
+    """AdamW's fused kernel (one op per step instead of a dozen per parameter; transformers' Trainer
+    defaults to it, optim="adamw_torch_fused") where it applies: trainable floating-point parameters on CPU
+    or CUDA, none of them an FSDP2 DTensor."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() and type(p.data) is torch.Tensor for p in params
+    )
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

@@ -52,6 +52,54 @@ def test_incremental_logits_equal_full_forward(name):
         torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_rotary_table_rows_equal_the_module(name):
+    """The decoder reads cos/sin from a table of positions 0 .. capacity - 1: its rows must be exactly what
+    the model's rotary module gives at those positions (as called per step before)."""
+    model = _model(name)
+    decoder = LeanDecoder(model, 3, 20)
+    assert decoder.rotary is not None
+    positions = torch.tensor([[0, 5, 19], [7, 7, 1], [12, 3, 18]])
+    x = model.model.embed_tokens(positions)
+    cos, sin = model.model.rotary_emb(x, positions)
+    assert torch.equal(torch.nn.functional.embedding(positions, decoder.rotary[0]), cos)
+    assert torch.equal(torch.nn.functional.embedding(positions, decoder.rotary[1]), sin)
+
+
+def test_length_dependent_rotary_is_computed_per_call():
+    """Dynamic NTK scaling changes the frequencies with the sequence length: no table, the module per call."""
+    config = CONFIGS["llama_gqa"]()
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    config.max_position_embeddings = 8
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = _batch(p=12, t=0)
+    positions = position_ids_from_mask(mask)
+    decoder = LeanDecoder(model, ids.shape[0], 14)
+    assert decoder.rotary is None
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    logits = decoder.forward(ids, positions, mask.bool())
+    torch.testing.assert_close(logits, full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_mask_sees_valid_keys_and_itself():
+    """The one-new-token mask (decoding) equals the general rule: valid keys up to the query, and the query
+    itself even when it is padding."""
+    model = _model("qwen2")
+    decoder = LeanDecoder(model, 3, 6)
+    decoder.key_valid[:, :4] = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    bias = decoder._attention_bias(3, 4, torch.float32)  # (B, 1, 1, 4)
+    allowed = decoder.key_valid[:, :4].clone()
+    allowed[:, 3] = True
+    assert bias.shape == (3, 1, 1, 4)
+    assert torch.equal(bias[:, 0, 0] == 0, allowed)
+    assert torch.equal(bias[:, 0, 0] == float("-inf"), ~allowed)
+
+
 def test_keep_drops_rows_without_changing_the_others():
     model = _model("llama_gqa")
     ids, mask = _batch()

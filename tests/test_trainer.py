@@ -116,6 +116,7 @@ def test_two_steps_change_parameters_and_log_finite_metrics(tmp_path, data):
         assert all(torch.isfinite(torch.tensor(r[name])) for r in lines), name
     assert "eval/rewards/digit_share/mean" in metrics and lines[-1]["peak_memory_mib"] > 0
     assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+    assert trainer.optimizer.defaults["fused"]  # AdamW's fused kernel on CPU, as transformers' Trainer
 
 
 def test_kl_and_old_logprobs_paths(tmp_path, data):
