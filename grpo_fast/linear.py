@@ -84,7 +84,7 @@ def linear_grpo_loss(
         ref_logprobs=ref_logprobs,
         importance_ratio=importance_ratio,
     )
-    check_ids("completion_ids", completion_ids, weight.shape[0], None if completion_mask is None else active)
+    check_ids("completion_ids", completion_ids, weight.shape[0], completion_mask)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     backend = check_backend(backend, hidden.device, hidden.dtype)
     ids = usable_ids(completion_ids, active, completion_mask)
@@ -154,7 +154,7 @@ def linear_token_logprobs(
     b, t, hidden2d = _check_head(hidden, weight, bias, ids)
     active = active_mask(mask, (b, t), "mask", ids.device)
     check_same_device(hidden=hidden, weight=weight, bias=bias, ids=ids, mask=mask)
-    check_ids("ids", ids, weight.shape[0], None if mask is None else active)
+    check_ids("ids", ids, weight.shape[0], mask)
     backend = check_backend(backend, hidden.device, hidden.dtype)
     ids = usable_ids(ids, active, mask)
     debug.check_inputs(active, ids, hidden=hidden, weight=weight, bias=bias)

@@ -72,7 +72,7 @@ def token_logprobs(
     check_shape("ids", ids, logits.shape[:2], "logits.shape[:2]")
     active = active_mask(mask, ids.shape, "mask", ids.device)
     check_same_device(logits=logits, ids=ids, mask=mask)
-    check_ids("ids", ids, logits.shape[-1], None if mask is None else active)
+    check_ids("ids", ids, logits.shape[-1], mask)
     backend = check_backend(backend, logits.device, logits.dtype)
     ids = usable_ids(ids, active, mask)
     debug.check_inputs(active, ids, logits=logits)
@@ -128,7 +128,7 @@ def grpo_loss(
         ref_logprobs=ref_logprobs,
         importance_ratio=importance_ratio,
     )
-    check_ids("completion_ids", completion_ids, logits.shape[-1], None if completion_mask is None else active)
+    check_ids("completion_ids", completion_ids, logits.shape[-1], completion_mask)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     backend = check_backend(backend, logits.device, logits.dtype)
     ids = usable_ids(completion_ids, active, completion_mask)
