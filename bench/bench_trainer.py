@@ -56,6 +56,7 @@ def test_trainer(benchmark, trainer_case, device):
         **_info(name, shape),
         **{k: ours[k] for k in ("warmup_s", "peak_extra_bytes", "peak_reset", "memory_kind", "threads")},
         "times": ours["times"],
+        "sampling_times": ours["sampling_times"],
         "peak_bytes": ours["peak_extra_bytes"],
         "grad_bytes": 0,
         "loadavg": harness.loadavg(),

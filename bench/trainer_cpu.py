@@ -5,8 +5,10 @@ Launch:  python -m bench.trainer_cpu [--steps 20 --warmup 2] [--checkpointing] [
 
 The same measurement as the trainer suite of ``python -m bench.run``, with as many steps as asked:
 32 prompts x G = 8 completions of at most 40 tokens, per_device_train_batch_size 64. Printed: each
-trainer's median, min and max step time and peak memory above the process after set-up, the ratio of
-the medians and the range of the per-round ratios (a round = one step of each, back to back).
+trainer's median, min and max step time and peak memory above the process after set-up; the median of
+each phase (sampling = completions + rewards + advantages; update = the rest of the step) and their
+ratios; the ratio of the step medians and the range of the per-round ratios (a round = one step of each,
+back to back).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
         s = r["times"]
         mib = r["peak_extra_bytes"] / 2**20
         print(f"{name:10} {statistics.median(s):9.3f} {min(s):7.3f} {max(s):7.3f} {mib:15.0f}")
+    _print_phases(result)
     ours, trl = result["grpo_fast"]["times"], result["trl"]["times"]
     ratios = [t / o for o, t in zip(ours, trl)]
     print(f"speed-up (TRL median / grpo_fast median): {statistics.median(trl) / statistics.median(ours):.2f}x; "
@@ -46,6 +49,22 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": result}, f, indent=1)
+
+
+def _print_phases(result: dict) -> None:
+    """Median time per phase: sampling (completions, rewards, advantages) and the rest of the step (update)."""
+    phases = {}
+    for name, r in result.items():
+        if any(s is None for s in r["sampling_times"]):
+            print(f"{name}: this version cannot tell its sampling time; no per-phase split")
+            return
+        update = [t - s for t, s in zip(r["times"], r["sampling_times"])]
+        phases[name] = (statistics.median(r["sampling_times"]), statistics.median(update))
+    print(f"{'phase (median s)':18} {'sampling':>9} {'update':>9}")
+    for name, (sampling, update) in phases.items():
+        print(f"{name:18} {sampling:9.3f} {update:9.3f}")
+    (s_ours, u_ours), (s_trl, u_trl) = phases["grpo_fast"], phases["trl"]
+    print(f"{'TRL / grpo_fast':18} {s_trl / s_ours:8.2f}x {u_trl / u_ours:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ initialised: step time depends on the batch shape, not on what the model knows),
 completions of at most T new tokens at temperature 1.0, the dapo loss, beta 0, one optimizer step per
 generation batch with per_device_train_batch_size ``micro`` (TRL splits the update by rows; grpo_fast
 balances its passes by tokens), the accuracy reward, fp32, and gradient checkpointing on or off on both
-sides. A step = sampling + rewards + advantages + the update.
+sides. A step = sampling + rewards + advantages + the update. Each child also reports the first part
+("sampling"): grpo_fast's ``time/rollout`` metric, and for TRL the time in the one method that samples and
+scores (``GRPOTrainer._generate_and_score_completions``, timed by a subclass); the rest of the step is the
+update (forward/backward passes, optimizer step, bookkeeping).
 """
 
 from __future__ import annotations
@@ -67,14 +70,20 @@ def _common(shape: TrainerShape, out: str, gc: bool) -> dict:
 
 # ---------------------------------------------------------------------------- the child
 class _Gate:
-    """The child's side of the protocol: one JSON line per message on stdout, one "go" line per step on stdin."""
+    """The child's side of the protocol: one JSON line per message on stdout, one "go" line per step on stdin.
+
+    ``sampling`` is the part of the current step spent sampling completions and scoring them (rewards and
+    advantages), which the trainer's code adds in; the rest of the step is the update.
+    """
 
     def __init__(self, device, warmup: int):
         self.device, self.warmup = device, warmup
         self.times: list[float] = []
-        self.pending: float | None = None
+        self.pending: dict | None = None
         self.peak = harness.PeakMemory(device)
         self.t0 = 0.0
+        self.sampling: float | None = 0.0
+        self.split = True  # False: the trainer cannot tell its sampling time (reported as None)
 
     @staticmethod
     def say(**message) -> None:
@@ -83,23 +92,25 @@ class _Gate:
     def begin(self) -> None:
         """Report the previous step (the child is idle from here on), wait for "go", start the clock."""
         if self.pending is not None:
-            self.say(step_s=self.pending)
+            self.say(**self.pending)
             self.pending = None
         if sys.stdin.readline().strip() != "go":
             raise SystemExit("bench.trainer_steps: the parent went away")
         if len(self.times) == self.warmup:
             self.peak.start()
         harness.synchronize(self.device)
+        self.sampling = 0.0 if self.split else None
         self.t0 = time.perf_counter()
 
     def end(self) -> None:
         harness.synchronize(self.device)
-        self.pending = time.perf_counter() - self.t0
-        self.times.append(self.pending)
+        step = time.perf_counter() - self.t0
+        self.pending = {"step_s": step, "sampling_s": self.sampling}
+        self.times.append(step)
 
     def finish(self) -> None:
         used = self.peak.stop()  # before the last report: the parent may end this process after it
-        self.say(step_s=self.pending, peak_extra_bytes=max(used, 0), peak_reset=self.peak.reset_ok,
+        self.say(**self.pending, peak_extra_bytes=max(used, 0), peak_reset=self.peak.reset_ok,
                  memory_kind=self.peak.kind, threads=torch.get_num_threads())  # fmt: skip
 
 
@@ -112,7 +123,8 @@ def _child_grpo_fast(shape: TrainerShape, gc: bool, out: str, device, gate: _Gat
     gate.say(ready=True)
     for _ in range(shape.warmup + shape.rounds):
         gate.begin()
-        trainer.step()
+        metrics = trainer.step()
+        gate.sampling = metrics["time/rollout"]  # completions, rewards, advantages (measured by the trainer)
         gate.end()
 
 
@@ -129,11 +141,22 @@ def _child_trl(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> 
         def on_step_end(self, *args, **kwargs):
             gate.end()
 
+    class Timed(GRPOTrainer):  # the sampling part of a step: TRL samples and scores in this one method
+        def _generate_and_score_completions(self, inputs):
+            start = time.perf_counter()
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                harness.synchronize(device)
+                gate.sampling += time.perf_counter() - start
+
+    if not hasattr(GRPOTrainer, "_generate_and_score_completions"):  # another TRL version: no split
+        Timed, gate.split = GRPOTrainer, False  # noqa: N806
     tokenizer, model, data = _model_and_data(device)
     args = GRPOConfig(**_common(shape, out, gc), use_cpu=device.type == "cpu", report_to="none", save_strategy="no",
                       dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=data,
-                          processing_class=tokenizer, callbacks=[Gated()])  # fmt: skip
+    trainer = Timed(model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=data,
+                    processing_class=tokenizer, callbacks=[Gated()])  # fmt: skip
     gate.say(ready=True)
     trainer.train()
     if len(gate.times) != shape.warmup + shape.rounds:
@@ -158,6 +181,7 @@ class _Child:
         self.proc = subprocess.Popen([*cmd, json.dumps(asdict(shape))], cwd=ROOT, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
         self.times: list[float] = []
+        self.sampling: list[float | None] = []
         self.last: dict = {}
 
     def read(self) -> dict:
@@ -172,6 +196,7 @@ class _Child:
         self.proc.stdin.flush()
         self.last = self.read()
         self.times.append(self.last["step_s"])
+        self.sampling.append(self.last["sampling_s"])
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -191,7 +216,8 @@ def trl_available() -> bool:
 
 
 def run_paired(shape: TrainerShape, gc: bool, trainers=TRAINERS) -> dict[str, dict]:
-    """trainer -> {"times": timed steps (warm-up dropped), "peak_extra_bytes", ...}, steps alternating."""
+    """trainer -> {"times": timed steps (warm-up dropped), "sampling_times": the sampling part of each (None
+    when the trainer cannot tell), "peak_extra_bytes", ...}, steps alternating."""
     children = []
     try:
         for name in trainers:  # one at a time: a trainer's set-up never overlaps the other's
@@ -207,9 +233,11 @@ def run_paired(shape: TrainerShape, gc: bool, trainers=TRAINERS) -> dict[str, di
             out[c.trainer] = {
                 **c.last,
                 "times": c.times[shape.warmup :],
+                "sampling_times": c.sampling[shape.warmup :],
                 "warmup_s": round(sum(c.times[: shape.warmup]), 4),
             }
             out[c.trainer].pop("step_s")
+            out[c.trainer].pop("sampling_s")
         return out
     finally:
         for c in children:
