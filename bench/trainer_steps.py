@@ -150,13 +150,13 @@ def _child_trl(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> 
                 harness.synchronize(device)
                 gate.sampling += time.perf_counter() - start
 
-    if not hasattr(GRPOTrainer, "_generate_and_score_completions"):  # another TRL version: no split
-        Timed, gate.split = GRPOTrainer, False  # noqa: N806
+    gate.split = hasattr(GRPOTrainer, "_generate_and_score_completions")  # another TRL version: no split
+    trainer_class = Timed if gate.split else GRPOTrainer
     tokenizer, model, data = _model_and_data(device)
     args = GRPOConfig(**_common(shape, out, gc), use_cpu=device.type == "cpu", report_to="none", save_strategy="no",
                       dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-    trainer = Timed(model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=data,
-                    processing_class=tokenizer, callbacks=[Gated()])  # fmt: skip
+    trainer = trainer_class(model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=data,
+                            processing_class=tokenizer, callbacks=[Gated()])  # fmt: skip
     gate.say(ready=True)
     trainer.train()
     if len(gate.times) != shape.warmup + shape.rounds:
