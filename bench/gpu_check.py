@@ -67,24 +67,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------- one section (child process)
 def run_section(args: argparse.Namespace) -> int:
-    import torch
-
-    from bench import gpu_sections
-
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    ctx = gpu_sections.Context(device, args.dry_run, args.quick, args.deadline, args.state, {"status": "running"})
+    state = {"status": "running"}
     try:
         if args.section in os.environ.get(FAIL_ENV, "").split(","):
             raise RuntimeError(f"forced failure ({FAIL_ENV}={os.environ[FAIL_ENV]})")
+        import torch
+
+        from bench import gpu_sections
+
+        device = torch.device("cpu" if args.dry_run else "cuda")
+        ctx = gpu_sections.Context(device, args.dry_run, args.quick, args.deadline, args.state, state)
         gpu_sections.SECTIONS[args.section](ctx)
     except Exception as err:
         traceback.print_exc()
-        ctx.state.update(status="failed", reason=f"{type(err).__name__}: {err}"[:2000],
-                         traceback=traceback.format_exc()[-4000:])  # fmt: skip
-    if ctx.state["status"] == "running":
-        ctx.state["status"] = "ok"
-    ctx.save()
-    return 0 if ctx.state["status"] != "failed" else 1
+        state.update(
+            status="failed", reason=f"{type(err).__name__}: {err}"[:2000], traceback=traceback.format_exc()[-4000:]
+        )
+    if state["status"] == "running":
+        state["status"] = "ok"
+    gpu_report.write_atomic(args.state, json.dumps(state, indent=1, default=str))
+    return 0 if state["status"] != "failed" else 1
 
 
 # ---------------------------------------------------------------------------- the run (parent process)
@@ -110,11 +112,8 @@ class Run:
     def write(self) -> None:
         self.data["wall_s"] = round(time.time() - self.start, 1)
         gpu_report.add_fractions(self.data)
-        for name, text in (("gpu_check.json", json.dumps(self.data, indent=1, default=str)),
-                           ("gpu_check.md", gpu_report.render(self.data))):  # fmt: skip
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text(text + "\n")
-            os.replace(tmp, self.out / name)
+        gpu_report.write_atomic(self.out / "gpu_check.json", json.dumps(self.data, indent=1, default=str) + "\n")
+        gpu_report.write_atomic(self.out / "gpu_check.md", gpu_report.render(self.data) + "\n")
 
 
 def section_env(args: argparse.Namespace, site: str | None) -> dict:

@@ -4,6 +4,16 @@ for the ops from hidden states; medians over medians)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
 
 def add_fractions(data: dict) -> None:
     """Put ``pct_of_ceiling`` on every timed kernel row for which the environment section measured the ceiling."""

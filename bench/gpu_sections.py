@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu_kernels, harness
+from bench import gpu_kernels, gpu_report, harness
 from bench.shapes import PROFILES, TrainerShape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +49,7 @@ class Context:
     state: dict
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, default=str))
-        os.replace(tmp, self.path)  # the parent never reads a half-written file
+        gpu_report.write_atomic(self.path, json.dumps(self.state, indent=1, default=str))
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -121,7 +119,7 @@ def _gpu_info(device: torch.device) -> dict:
 def tests(ctx: Context) -> None:
     """The public ops at real shapes against float64, then the project's Triton/GPU tests under pytest."""
     ops = ctx.state.setdefault("ops", [])
-    for case in gpu_kernels.check_plan(ctx.dry_run):
+    for case in gpu_kernels.check_plan(ctx.dry_run, ctx.quick):
         try:
             ops.append(gpu_kernels.check_ops(case, ctx.device))
         except Exception as err:  # one case's failure is recorded; the others still run
@@ -175,11 +173,12 @@ def kernels(ctx: Context) -> None:
     """Every (shape, method, mode) of the timing plan; a row that fails is recorded and the next runs."""
     rows = ctx.state.setdefault("rows", [])
     plan = gpu_kernels.timing_plan(ctx.dry_run, ctx.quick)
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     for case in plan:
-        first = (case.family, case.dtype) not in seen
-        seen.add((case.family, case.dtype))
-        rounds, warmup = (2, 1) if ctx.dry_run else ((10, 2) if case.family == "logits" else (5, 1))
+        first = case.family not in seen
+        seen.add(case.family)
+        # dry run: one call after the check's call on the same shape (nothing to compile: no warm-up)
+        rounds, warmup = (1, 0) if ctx.dry_run else ((10, 2) if case.family == "logits" else (5, 1))
         x = None
         for method in gpu_kernels.methods_for(case.family):
             for mode in gpu_kernels.MODES:

@@ -1,0 +1,96 @@
+"""bench.gpu_check, the one-command GPU acceptance run, checked the way CI can: its dry run (the same code
+paths on CPU at tiny shapes, Triton under the interpreter), a run with sections forced to fail, and a
+section that outlives its time box. Each is a real ``python -m bench.gpu_check`` process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_check
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("environment", "tests", "kernels", "trainer")
+
+
+def run_check(out: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict, str]:
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    return proc, json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    return run_check(tmp_path_factory.mktemp("gpu_check"))
+
+
+@pytest.mark.slow  # ~1.5 min: four section processes, two trainer processes, Triton under the interpreter
+def test_dry_run_passes_with_every_section_ok(dry_run):
+    proc, data, md = dry_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {name: data[name]["status"] for name in SECTIONS} == dict.fromkeys(SECTIONS, "ok")
+    assert data["environment"]["ceilings"]["copy"]["median"] > 0
+    assert data["tests"]["ops"] and all(op["ok"] for op in data["tests"]["ops"])
+    assert data["tests"]["pytest"]["counts"]["passed"] == 3
+    timed = {(r["family"], r["method"], r["mode"]) for r in data["kernels"]["rows"] if r["status"] == "ok"}
+    for family in ("logits", "linear"):  # grpo_fast's Triton kernels ran, and the plain-torch peer
+        for method in ("grpo_fast_triton", "naive"):
+            assert {(family, method, "logprobs"), (family, method, "loss")} <= timed
+    assert data["trainer"]["results"]["grpo_fast"]["step_s"] > 0
+
+
+@pytest.mark.slow
+def test_dry_run_markdown_has_every_table(dry_run):
+    _, _, md = dry_run
+    assert "**Dry run**" in md  # its figures are labelled as not performance
+    for heading in ("| section | status |", "## Environment", "## Ops against the float64 reference", "## Kernels",
+                    "## Trainer step"):  # fmt: skip
+        assert heading in md
+
+
+@pytest.mark.slow  # ~30 s
+def test_forced_failures_leave_the_other_sections_complete(tmp_path):
+    proc, data, md = run_check(tmp_path, "--quick", env={gpu_check.FAIL_ENV: "tests,trainer"})
+    assert proc.returncode == 1
+    for name in ("tests", "trainer"):
+        assert data[name]["status"] == "failed"
+        assert f"forced failure ({gpu_check.FAIL_ENV}=tests,trainer)" in data[name]["reason"]
+    # the section after the first failure still ran to its end, with its results
+    assert data["environment"]["status"] == data["kernels"]["status"] == "ok"
+    assert any(r["status"] == "ok" and r["method"] == "grpo_fast_triton" for r in data["kernels"]["rows"])
+    assert "| tests | failed |" in md and "| kernels | ok |" in md
+
+
+def test_a_section_past_its_time_box_is_stopped_and_recorded(tmp_path):
+    proc, data, _ = run_check(tmp_path, "--sections", "tests", "--budget-s", "6")
+    assert proc.returncode == 1
+    assert data["tests"]["status"] == "failed"
+    assert "time box" in data["tests"]["reason"]
+    assert data["environment"]["status"] == "skipped"  # not in --sections: named, with the reason
+    assert data["environment"]["reason"] == "not in --sections"
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--budget-s", "0"], "--budget-s must be positive"),
+        (["--sections", "kernels,gpu"], "--sections: unknown"),
+        (["--wheels", "/nonexistent/wheels"], "--wheels must be a folder"),
+    ],
+)
+def test_bad_arguments_are_rejected(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "--out", str(tmp_path), *args])
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(gpu_check._has_cuda(), reason="checks the message given where no CUDA device is attached")
+def test_without_a_gpu_the_full_run_says_to_use_dry_run(tmp_path):
+    with pytest.raises(SystemExit, match="needs a CUDA device; --dry-run"):
+        gpu_check.main(["--out", str(tmp_path)])
