@@ -16,9 +16,10 @@ Sections, in order, each in its own process with its own time box (a share of wh
 A section that fails, crashes or runs out of time is recorded with its reason and the next one runs.
 ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` are rewritten whenever a section saves a result, and
 ``DIR/gpu_check.log`` holds the sections' output. ``GPU_CHECK_FAIL=kernels,...`` makes the named sections
-raise at their start (to check that the others still complete). ``--wheels DIR`` installs every wheel in
-DIR (``bench/gpu_wheels.sh`` prepares them) into a temporary folder put on the sections' PYTHONPATH, without
-network and without touching the environment.
+raise at their start, ``GPU_CHECK_STALL=...`` hang after saving a partial result: to check that the others
+still complete, and that a section is stopped at the end of its time box with what it saved kept.
+``--wheels DIR`` installs every wheel in DIR (``bench/gpu_wheels.sh`` prepares them) into a temporary
+folder put on the sections' PYTHONPATH, without network and without touching the environment.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from bench import gpu_report
 ROOT = Path(__file__).resolve().parent.parent
 # each section's share of the time left when it starts, relative to the sections after it
 WEIGHTS = {"environment": 0.06, "tests": 0.27, "kernels": 0.45, "trainer": 0.22}
-FAIL_ENV = "GPU_CHECK_FAIL"
+FAIL_ENV = "GPU_CHECK_FAIL"  # sections that raise at their start
+STALL_ENV = "GPU_CHECK_STALL"  # sections that save a partial result, then hang (to check the time box)
 MIN_SECTION_S = 5.0  # below this a section is not started
 
 
@@ -71,6 +73,10 @@ def run_section(args: argparse.Namespace) -> int:
     try:
         if args.section in os.environ.get(FAIL_ENV, "").split(","):
             raise RuntimeError(f"forced failure ({FAIL_ENV}={os.environ[FAIL_ENV]})")
+        if args.section in os.environ.get(STALL_ENV, "").split(","):
+            state["partial"] = f"saved before a forced stall ({STALL_ENV})"
+            gpu_report.write_atomic(args.state, json.dumps(state))
+            time.sleep(3600)
         import torch
 
         from bench import gpu_sections

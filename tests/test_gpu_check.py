@@ -67,13 +67,16 @@ def test_forced_failures_leave_the_other_sections_complete(tmp_path):
     assert "| tests | failed |" in md and "| kernels | ok |" in md
 
 
-def test_a_section_past_its_time_box_is_stopped_and_recorded(tmp_path):
-    proc, data, _ = run_check(tmp_path, "--sections", "tests", "--budget-s", "6")
+def test_a_section_past_its_time_box_is_stopped_with_its_partial_result_kept(tmp_path):
+    proc, data, _ = run_check(tmp_path, "--sections", "environment", "--budget-s", "6",
+                              env={gpu_check.STALL_ENV: "environment"})  # fmt: skip
+    record = data["environment"]
     assert proc.returncode == 1
-    assert data["tests"]["status"] == "failed"
-    assert "time box" in data["tests"]["reason"]
-    assert data["environment"]["status"] == "skipped"  # not in --sections: named, with the reason
-    assert data["environment"]["reason"] == "not in --sections"
+    assert record["status"] == "failed"
+    assert record["reason"].startswith("ran past its time box of 6 s and was stopped")
+    assert record["partial"] == f"saved before a forced stall ({gpu_check.STALL_ENV})"
+    assert record["seconds"] < 30
+    assert data["tests"] == {"status": "skipped", "reason": "not in --sections"}
 
 
 @pytest.mark.parametrize(
