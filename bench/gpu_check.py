@@ -39,7 +39,7 @@ from bench import gpu_report
 
 ROOT = Path(__file__).resolve().parent.parent
 # each section's share of the time left when it starts, relative to the sections after it
-WEIGHTS = {"environment": 0.06, "tests": 0.27, "kernels": 0.45, "trainer": 0.22}
+WEIGHTS = {"environment": 0.05, "tests": 0.25, "kernels": 0.42, "trainer": 0.28}
 FAIL_ENV = "GPU_CHECK_FAIL"  # sections that raise at their start
 STALL_ENV = "GPU_CHECK_STALL"  # sections that save a partial result, then hang (to check the time box)
 MIN_SECTION_S = 5.0  # below this a section is not started
@@ -133,27 +133,25 @@ def section_env(args: argparse.Namespace, site: str | None) -> dict:
     return env
 
 
-def run_one(run: Run, args: argparse.Namespace, name: str, seconds: float, env: dict, log) -> None:
+def run_one(run: Run, args: argparse.Namespace, name: str, seconds: float, env: dict, log, tmp: Path) -> None:
     """Start the section's process, merge its saved state while it runs, stop it at the end of its time box."""
-    state = Path(tempfile.mkdtemp(prefix="gpu_check_")) / f"{name}.json"
+    state = tmp / f"{name}.json"
     margin = min(15.0, 0.1 * seconds)  # the section stops starting work this long before it is killed
     cmd = [sys.executable, "-m", "bench.gpu_check", "--section", name, "--state", str(state),
            "--deadline", str(time.time() + seconds - margin), "--out", str(args.out)]  # fmt: skip
     cmd += ["--dry-run"] * args.dry_run + ["--quick"] * args.quick
     print(f"== {name}: time box {seconds:.0f} s", file=log, flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    t0, seen = time.time(), 0.0
+    t0 = time.time()
     run.data[name] = {"status": "running", "time_box_s": round(seconds, 1)}
     run.write()
-    while proc.poll() is None and time.time() - t0 < seconds:
-        time.sleep(0.5)
-        if state.exists() and state.stat().st_mtime != seen:
-            seen = state.stat().st_mtime
-            _merge(run, name, state, seconds)
-    timed_out = proc.poll() is None
-    if timed_out:
-        os.killpg(proc.pid, signal.SIGKILL)  # the section and every process it started
-    proc.wait()
+    try:
+        _follow(run, name, proc, state, seconds)
+    finally:  # also when this process is interrupted: the section must not outlive the run
+        timed_out = proc.poll() is None
+        if timed_out:
+            os.killpg(proc.pid, signal.SIGKILL)  # the section and every process it started
+        proc.wait()
     _merge(run, name, state, seconds)
     record = run.data[name]
     if timed_out:
@@ -166,6 +164,16 @@ def run_one(run: Run, args: argparse.Namespace, name: str, seconds: float, env: 
     run.write()
 
 
+def _follow(run: Run, name: str, proc: subprocess.Popen, state: Path, seconds: float) -> None:
+    """Until the section ends or its time box is over, merge what it saves as soon as it saves it."""
+    t0, seen = time.time(), 0.0
+    while proc.poll() is None and time.time() - t0 < seconds:
+        time.sleep(0.5)
+        if state.exists() and state.stat().st_mtime != seen:
+            seen = state.stat().st_mtime
+            _merge(run, name, state, seconds)
+
+
 def _merge(run: Run, name: str, state: Path, seconds: float) -> None:
     try:
         saved = json.loads(state.read_text())
@@ -175,12 +183,11 @@ def _merge(run: Run, name: str, state: Path, seconds: float) -> None:
     run.write()
 
 
-def install_wheels(folder: Path, log) -> tuple[str | None, dict]:
-    """pip install every wheel of ``folder`` into a temporary target, no index, no dependencies resolved."""
+def install_wheels(folder: Path, log, site: str) -> tuple[str | None, dict]:
+    """pip install every wheel of ``folder`` into ``site``, no index, no dependencies resolved."""
     wheels = sorted(str(p) for p in folder.glob("*.whl"))
     if not wheels:
         return None, {"status": "failed", "reason": f"no .whl files in {folder}"}
-    site = tempfile.mkdtemp(prefix="gpu_check_site_")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
            "--no-cache-dir", "--target", site, *wheels]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -198,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not _has_cuda():
         raise SystemExit("python -m bench.gpu_check needs a CUDA device; --dry-run runs it on CPU at tiny shapes")
     run = Run(args, argv)
-    with open(args.out / "gpu_check.log", "a") as log:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill from outside still stops the section
+    with open(args.out / "gpu_check.log", "a") as log, tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         site = None
         if args.wheels is not None:
-            site, run.data["wheels"] = install_wheels(args.wheels, log)
+            site, run.data["wheels"] = install_wheels(args.wheels, log, os.path.join(tmp, "site"))
         env = section_env(args, site)
         todo = [name for name in WEIGHTS if name in args.sections.split(",")]
         for i, name in enumerate(todo):
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             if seconds < MIN_SECTION_S:
                 run.data[name] = {"status": "skipped", "reason": f"no time left in --budget-s {args.budget_s:g}"}
                 continue
-            run_one(run, args, name, seconds, env, log)
+            run_one(run, args, name, seconds, env, log, Path(tmp))
     run.write()
     statuses = {name: run.data[name]["status"] for name in WEIGHTS}
     print(f"wrote {args.out}/gpu_check.json and gpu_check.md in {run.data['wall_s']:.0f} s: {statuses}")

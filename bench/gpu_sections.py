@@ -109,7 +109,7 @@ def _gpu_info(device: torch.device) -> dict:
             "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cuda_runtime": torch.version.cuda,
             "l2_mib": getattr(props, "L2_cache_size", 0) / 2**20, "driver": None}  # fmt: skip
     if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)  # fmt: skip
         info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     return info
