@@ -79,10 +79,14 @@ class Rollout:
 def encode_prompts(tokenizer, prompts: list[str], max_length: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize and left-pad prompts; longer prompts keep their last ``max_length`` tokens (as TRL).
 
+    A prompt with text the tokenizer can only encode as its unknown token is a ValueError naming the row
+    (a small alphabet, such as the toy task's, would otherwise train on ``<unk>`` silently).
+
     Returns:
         (ids (B, P) int64, mask (B, P) int64).
     """
     rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    _check_known(tokenizer, prompts, rows)
     if max_length is not None:
         rows = [r[-max_length:] for r in rows]
     if any(len(r) == 0 for r in rows):
@@ -94,6 +98,18 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int | None, device
         ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def _check_known(tokenizer, prompts: list[str], rows: list[list[int]]) -> None:
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id):
+        return  # no unknown token of its own (byte-level BPE has none; GPT-2's is its end-of-text token)
+    for i, row in enumerate(rows):
+        if unk in row:
+            raise ValueError(
+                f"prompts[{i}] = {prompts[i]!r} has text the tokenizer does not know (it would be encoded as "
+                f"{tokenizer.unk_token!r}); use a tokenizer that covers it or remove those characters"
+            )
 
 
 @torch.no_grad()
