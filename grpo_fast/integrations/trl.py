@@ -51,8 +51,8 @@ from packaging.version import Version
 
 # The TRL releases whose GRPOTrainer internals (_compute_loss, the sampling step, the loss helpers imported
 # below) this module overrides and was tested against: 1.15 and 1.16 (tests/test_trl_trainer.py and
-# tests/test_trl_parity.py pass on both; on 1.14 the logit-scale parity test fails, on 1.12-1.13 the
-# tests do not import).
+# tests/test_trl_parity.py pass on both; on 1.14 the logit-scale parity test fails; 1.13 and older are
+# untested: the parity tests use a TRL function they lack).
 TRL_SUPPORTED = ((1, 15), (1, 16))
 TRL_REQUIREMENT = "trl>=1.15,<1.17"
 
