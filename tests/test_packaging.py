@@ -61,7 +61,11 @@ def sources(tmp_path_factory):
 def dists(tmp_path_factory, sources):
     """sdist and wheel from ``python -m build`` (the wheel built from the unpacked sdist)."""
     out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(sources)], cwd=sources)
+    result = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(sources)],
+                            cwd=sources, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert "deprecat" not in printed.lower(), printed  # e.g. setuptools on a table-form project.license
     (wheel,) = out.glob("*.whl")
     return out, wheel
 
