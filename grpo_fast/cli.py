@@ -14,40 +14,56 @@ Unknown keys are errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import yaml
 
 from . import configio
 
+RUN_ARGUMENTS_FILE = "run_arguments.yaml"
 DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _key(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class RunArguments:
-    """What to train and on what (the part of a config that is not GRPO hyper-parameters).
+    """What to train and on what (the part of a config that is not GRPO hyper-parameters)."""
 
-    model_name_or_path: a local model directory (from_pretrained), or "toy" for a fresh tiny Qwen2
-        (grpo_fast.toy; untrained, so GRPO alone has no signal — start from a demo checkpoint instead).
-    dataset: "toy" (synthetic addition, grpo_fast.toy) or a local json/jsonl/csv/parquet file with a
-        "prompt" column. eval_dataset: a local file; with dataset "toy", None = the toy held-out split.
-    reward_funcs: built-in reward names (grpo_fast.rewards.REWARD_FUNCTIONS).
-    device: "cpu", "cuda", ...; None = cuda when available.
-    use_peft, lora_*: train LoRA adapters only (``peft.LoraConfig``; TRL's ModelConfig names).
-        lora_target_modules None = peft's default modules for the architecture; never the LM head.
-    """
-
-    model_name_or_path: str = "toy"
-    dataset: str = "toy"
-    eval_dataset: str | None = None
-    reward_funcs: tuple[str, ...] = ("accuracy",)
-    device: str | None = None
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] | None = None
+    model_name_or_path: str = _key(
+        "toy",
+        'a local model directory (from_pretrained), or "toy" for a fresh tiny Qwen2 (untrained: GRPO alone has '
+        "no signal on it; start from a demo checkpoint instead)",
+    )
+    dataset: str = _key(
+        "toy",
+        '"toy" (synthetic addition) or a local json/jsonl/csv/parquet file with a "prompt" column (text, or a '
+        'list of chat messages); the accuracy reward reads an "answer" (or "solution") column',
+    )
+    eval_dataset: str | None = _key(
+        None, 'a local file like dataset, scored greedily at eval_steps and at the end; with dataset "toy", '
+        "None = the toy held-out split",
+    )  # fmt: skip
+    reward_funcs: tuple[str, ...] = _key(
+        ("accuracy",),
+        "built-in reward names, comma-separated: accuracy (the final answer against the answer or solution "
+        "column), format (<think>...</think><answer>...</answer>)",
+    )
+    device: str | None = _key(None, '"cpu", "cuda", "cuda:1", ...; None = cuda when available')
+    use_peft: bool = _key(False, "train LoRA adapters only (peft.LoraConfig; TRL's ModelConfig names)")
+    lora_r: int = _key(16, "LoRA rank")
+    lora_alpha: int = _key(32, "LoRA alpha")
+    lora_dropout: float = _key(0.05, "LoRA dropout")
+    lora_target_modules: tuple[str, ...] | None = _key(
+        None, "module names to adapt, comma-separated; None = peft's default for the architecture (never the LM head)"
+    )
 
     def peft_config(self):
         """The ``peft.LoraConfig`` of these arguments, or None without ``use_peft``."""
@@ -63,7 +79,10 @@ class RunArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # config keys take dashes or underscores: --max-steps is --max_steps
+        argv = [_underscored(a) for a in argv]
+    parser = _parser(train_keys=argv[:1] == ["train"])
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -78,11 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
+    """The command's parser; ``train_keys`` adds every config key to ``train`` (for its --help and parsing;
+    it imports the trainer, so only when the command is train)."""
     parser = argparse.ArgumentParser(prog="grpo-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
-        "train", help="GRPO training from a YAML config; --key value overrides any config key", allow_abbrev=False
+        "train",
+        help="GRPO training from a YAML config; --key value overrides any config key",
+        usage="grpo-fast train [--config FILE] [--resume [CHECKPOINT]] [--KEY VALUE ...]",
+        description="GRPO training. A config is a YAML file of the keys below; --KEY VALUE (or --KEY=VALUE) on the "
+        "command line overrides the file. Unknown keys are errors.",
+        allow_abbrev=False,
     )
     train.add_argument("--config", help="YAML file of GRPOConfig + RunArguments keys")
     train.add_argument(
@@ -92,9 +118,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="continue from the latest checkpoint in output_dir (or from the one given)",
     )
+    if train_keys:
+        _add_config_keys(train)
     ev = sub.add_parser("eval", help="greedy accuracy and pass@k of a model on held-out prompts")
     ev.add_argument("--model", required=True, help="model directory (e.g. RUN_DIR/checkpoint-N)")
-    ev.add_argument("--dataset", default="toy", help='"toy" (its held-out split) or a json/jsonl/csv/parquet file')
+    ev.add_argument(
+        "--dataset",
+        default=None,
+        help='"toy" (its held-out split) or a json/jsonl/csv/parquet file; default: the eval_dataset of the run '
+        "the model was saved by (RUN_DIR/run_arguments.yaml), else toy",
+    )
     ev.add_argument("--k", type=int, default=1, help="also report pass@k from k samples per prompt")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the pass@k samples")
     ev.add_argument("--max-new-tokens", type=int, default=40)
@@ -120,6 +153,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_keys(parser: argparse.ArgumentParser) -> None:
+    """One option per RunArguments and GRPOConfig field, grouped, with its help text and default. Values
+    stay strings here (``configio`` coerces them with the file's values), and an option not given is
+    absent from the namespace, so the YAML file's value stands."""
+    from .trainer import GRPOConfig
+
+    groups = (
+        ("run keys (what to train, on what data)", RunArguments),
+        ("GRPOConfig keys (hyper-parameters; TRL names)", GRPOConfig),
+    )
+    for title, cls in groups:
+        group = parser.add_argument_group(title)
+        types_ = configio.field_types(cls)
+        for f in fields(cls):
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            group.add_argument(f"--{f.name}", dest=f"key_{f.name}", default=argparse.SUPPRESS,
+                               metavar=_metavar(types_[f.name]),
+                               help=f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%"))  # fmt: skip
+
+
+def _metavar(annotation) -> str:
+    """INT, FLOAT, STR, {true,false}; STR,... for a list; ``X | None`` shows X (none/null give None)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is tuple:
+        return f"{_metavar(args[0])},..."
+    if args:
+        return _metavar(args[0])
+    return "{true,false}" if annotation is bool else annotation.__name__.upper()
+
+
+def _underscored(arg: str) -> str:
+    if not arg.startswith("--"):
+        return arg
+    key, eq, value = arg.partition("=")
+    return key.replace("-", "_").replace("__", "--", 1) + eq + value
+
+
+def _given_keys(args: argparse.Namespace) -> list[str]:
+    """The config keys given as options (``_add_config_keys``), as ``--key=value`` overrides."""
+    return [f"--{k[len('key_') :]}={v}" for k, v in vars(args).items() if k.startswith("key_")]
+
+
 def load_train_config(path: str | None, overrides: list[str]):
     """(GRPOConfig, RunArguments) from a YAML file and ``--key value`` overrides."""
     from .trainer import GRPOConfig
@@ -142,7 +217,7 @@ def _train(args, rest) -> int:
     from .modeling import load_model
     from .trainer import GRPOTrainer
 
-    config, run = load_train_config(args.config, rest)
+    config, run = load_train_config(args.config, [*_given_keys(args), *rest])
     device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if run.model_name_or_path == "toy":
         tokenizer = toy.build_tokenizer()
@@ -155,11 +230,37 @@ def _train(args, rest) -> int:
     train, evaluation = _datasets(run.dataset, run.eval_dataset, config.seed)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     config.to_yaml(Path(config.output_dir) / "grpo_config.yaml")
+    _save_run_arguments(run, Path(config.output_dir) / RUN_ARGUMENTS_FILE)
     trainer = GRPOTrainer(model, list(run.reward_funcs), config, train, eval_dataset=evaluation, tokenizer=tokenizer,
                           peft_config=run.peft_config())  # fmt: skip
     metrics = trainer.train(resume_from_checkpoint=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward", "step"))}, indent=2))
     return 0
+
+
+def _save_run_arguments(run: RunArguments, path: Path) -> None:
+    """The run keys next to grpo_config.yaml, data files as absolute paths (``grpo-fast eval`` reads
+    eval_dataset from here when given one of the run's checkpoints)."""
+    files = {
+        k: str(Path(v).resolve()) for k in ("dataset", "eval_dataset") if (v := getattr(run, k)) not in (None, "toy")
+    }
+    path.write_text(yaml.safe_dump(configio.to_dict(dataclasses.replace(run, **files)), sort_keys=False))
+
+
+def _run_eval_dataset(model_dir: str) -> str:
+    """The eval set of the run a model directory belongs to (its run_arguments.yaml, in the directory or
+    its parent, as for RUN_DIR/checkpoint-N): the run's eval_dataset, or "toy" when there is none."""
+    for folder in (Path(model_dir), Path(model_dir).parent):
+        if (folder / RUN_ARGUMENTS_FILE).is_file():
+            run = configio.from_dict(RunArguments, configio.read_yaml(folder / RUN_ARGUMENTS_FILE),
+                                     str(folder / RUN_ARGUMENTS_FILE))  # fmt: skip
+            if run.eval_dataset is not None:
+                return run.eval_dataset
+            if run.dataset != "toy":
+                raise configio.ConfigError(
+                    f"the run of {model_dir} trained on {run.dataset} without an eval_dataset; pass --dataset FILE"
+                )
+    return "toy"
 
 
 def _datasets(dataset: str, eval_dataset: str | None, seed: int):
@@ -191,10 +292,11 @@ def _eval(args, rest) -> int:
     from .evaluation import evaluate
     from .modeling import load_model
 
+    name = args.dataset or _run_eval_dataset(args.model)
+    dataset = toy.make_splits()["test"] if name == "toy" else load_data_file(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    dataset = toy.make_splits()["test"] if args.dataset == "toy" else load_data_file(args.dataset)
     if args.num_prompts is not None:
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
     out = evaluate(
@@ -206,7 +308,7 @@ def _eval(args, rest) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
-    print(json.dumps({"model": args.model, "prompts": len(dataset), **out}, indent=2))
+    print(json.dumps({"model": args.model, "dataset": name, "prompts": len(dataset), **out}, indent=2))
     return 0
 
 
@@ -226,8 +328,6 @@ def _demo(args, rest) -> int:
 
 
 def _pipeline(args, rest) -> int:
-    import dataclasses
-
     from .pipeline import load_config, run_pipeline
 
     config = load_config(args.config, output_dir=args.output_dir, seed=args.seed, threads=args.threads)

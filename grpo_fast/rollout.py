@@ -12,6 +12,7 @@ categorical draw; temperature 0 (or greedy=True) takes the argmax.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +79,14 @@ class Rollout:
 def encode_prompts(tokenizer, prompts: list[str], max_length: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize and left-pad prompts; longer prompts keep their last ``max_length`` tokens (as TRL).
 
+    A prompt with text the tokenizer can only encode as its unknown token is a ValueError naming the row
+    (a small alphabet, such as the toy task's, would otherwise train on ``<unk>`` silently).
+
     Returns:
         (ids (B, P) int64, mask (B, P) int64).
     """
     rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    _check_known(tokenizer, prompts, rows)
     if max_length is not None:
         rows = [r[-max_length:] for r in rows]
     if any(len(r) == 0 for r in rows):
@@ -93,6 +98,18 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int | None, device
         ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def _check_known(tokenizer, prompts: list[str], rows: list[list[int]]) -> None:
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id):
+        return  # no unknown token of its own (byte-level BPE has none; GPT-2's is its end-of-text token)
+    for i, row in enumerate(rows):
+        if unk in row:
+            raise ValueError(
+                f"prompts[{i}] = {prompts[i]!r} has text the tokenizer does not know (it would be encoded as "
+                f"{tokenizer.unk_token!r}); use a tokenizer that covers it or remove those characters"
+            )
 
 
 @torch.no_grad()
@@ -112,8 +129,8 @@ def generate(
     """Sample one completion per row of ``prompt_ids`` (repeat rows for G samples per prompt).
 
     Args:
-        model: a Hugging Face causal LM that accepts ``past_key_values`` (put in eval mode while
-            sampling, restored afterwards).
+        model: a Hugging Face causal LM that takes a KV cache (``cache=``, or ``past_key_values=`` before
+            transformers renamed it; put in eval mode while sampling, restored afterwards).
         prompt_ids, prompt_mask: (B, P) left-padded prompts (see ``encode_prompts``).
         max_new_tokens: length budget T_max >= 1.
         temperature: > 0 samples from softmax(logits / temperature); 0 is greedy decoding.
@@ -154,6 +171,12 @@ def generate(
     return Rollout(prompt_ids, prompt_mask, tokens, completion_mask, truncated)
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` in current transformers, which keeps
+    ``past_key_values`` as a deprecated alias for a few releases; ``past_key_values`` before the rename."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _decode_loop(
     model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k, generator, uniforms=None
 ):
@@ -163,13 +186,13 @@ def _decode_loop(
                                  generator, uniforms)  # fmt: skip
     b, p = prompt_ids.shape
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], dim=1)  # (B, P + T_max)
-    cache = DynamicCache(config=model.config)
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}
     positions = position_ids_from_mask(prompt_mask)  # (B, P)
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=positions,
-        past_key_values=cache,
+        **cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -188,7 +211,7 @@ def _decode_loop(
             input_ids=token[:, None],
             attention_mask=attention_mask[:, : p + t + 1],
             position_ids=next_position + t,
-            past_key_values=cache,
+            **cache,
             use_cache=True,
         )
     return tokens

@@ -180,3 +180,25 @@ def test_samples_of_one_prompt_share_its_prefill(monkeypatch):
         assert torch.equal(a.completion_ids, b.completion_ids)
         assert torch.equal(a.completion_mask, b.completion_mask)
     assert not torch.equal(lean[1].completion_ids[0], lean[1].completion_ids[1])  # samples of a prompt differ
+
+
+def test_generic_loop_passes_the_cache_under_the_current_keyword(monkeypatch):
+    """The generic loop hands the KV cache over by the keyword this transformers declares (``cache``;
+    ``past_key_values`` is its deprecated alias), so it raises no deprecation warning; a model whose
+    forward still takes ``past_key_values`` gets that keyword."""
+    import warnings
+
+    model = _model("qwen2")
+    ids, mask = _batch(b=3, p=6, t=0)
+    monkeypatch.setattr(rollout, "unsupported_reason", lambda *args: "forced generic path")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a FutureWarning / DeprecationWarning would fail the test
+        out = rollout.generate(model, ids, mask, 4, eos_token_id=5, pad_token_id=0, temperature=0.0)
+    assert out.completion_ids.shape[0] == 3
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert rollout.cache_keyword(Old()) == "past_key_values"
+    assert rollout.cache_keyword(model) == "cache"

@@ -64,3 +64,19 @@ def test_tiny_qwen2_matches_the_demo_spec(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.tensor([tok("123+456=")["input_ids"]])
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_prompts_outside_the_alphabet_are_refused_with_the_row_named(tmp_path):
+    """The character tokenizer maps unknown characters to <unk>; encoding such a prompt for sampling is an
+    error naming the row, also with the tokenizer saved and loaded again."""
+    import pytest
+
+    from grpo_fast.rollout import encode_prompts
+
+    tok = toy.build_tokenizer()
+    ids, _ = encode_prompts(tok, ["12+7=", "864+394="], None, "cpu")
+    assert not bool((ids == tok.unk_token_id).any())
+    tok.save_pretrained(tmp_path)
+    for tokenizer in (tok, AutoTokenizer.from_pretrained(tmp_path)):
+        with pytest.raises(ValueError, match=r"prompts\[1\] = 'What is 12 \+ 7\?' has text the tokenizer"):
+            encode_prompts(tokenizer, ["12+7=", "What is 12 + 7?"], None, "cpu")

@@ -437,3 +437,23 @@ def test_unsupported_model_and_late_changes_raise(tiny, tmp_path):
 def test_importing_grpo_fast_does_not_import_trl():
     code = "import sys, grpo_fast, grpo_fast.integrations; assert 'trl' not in sys.modules, 'trl imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_refuses_a_trl_outside_the_supported_range(monkeypatch):
+    """The drop-in overrides TRL internals: a TRL release outside the tested range (a stand-in version here)
+    fails at import with both versions named, before anything of TRL is used."""
+    import importlib
+    import importlib.metadata
+
+    from grpo_fast.integrations import trl as integration
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.17.0" if name == "trl" else real(name))
+    monkeypatch.delitem(sys.modules, "grpo_fast.integrations.trl")
+    with pytest.raises(ImportError, match=r"supports trl>=1\.15,<1\.17 .*the installed trl is 1\.17\.0"):
+        importlib.import_module("grpo_fast.integrations.trl")
+    for version in ("1.14.2", "1.17.0.dev0", "2.0.0"):
+        with pytest.raises(ImportError, match=version):
+            integration.check_trl_version(version)
+    for version in ("1.15.0", "1.16.0", "1.16.3"):
+        integration.check_trl_version(version)

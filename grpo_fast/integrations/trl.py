@@ -44,9 +44,31 @@ with old log-probs (inside ``linear_grpo_loss``).
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import types
 
-import torch
+from packaging.version import Version
+
+# The TRL releases whose GRPOTrainer internals (_compute_loss, the sampling step, the loss helpers imported
+# below) this module overrides and was tested against: 1.15 and 1.16 (tests/test_trl_trainer.py and
+# tests/test_trl_parity.py pass on both; on 1.14 the logit-scale parity test fails; 1.13 and older are
+# untested: the parity tests use a TRL function they lack).
+TRL_SUPPORTED = ((1, 15), (1, 16))
+TRL_REQUIREMENT = "trl>=1.15,<1.17"
+
+
+def check_trl_version(version: str) -> None:
+    """ImportError naming the installed TRL and the supported range unless ``version`` is in it."""
+    if Version(version).release[:2] not in TRL_SUPPORTED:
+        raise ImportError(
+            f"grpo_fast.integrations.trl supports {TRL_REQUIREMENT} (it overrides GRPOTrainer internals that "
+            f"change between TRL releases); the installed trl is {version}: pip install '{TRL_REQUIREMENT}'"
+        )
+
+
+check_trl_version(importlib.metadata.version("trl"))
+
+import torch  # after the version check: a wrong TRL fails with its versions named, not in an import
 from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
