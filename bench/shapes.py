@@ -71,13 +71,15 @@ class TrainerShape:
     micro: int
     warmup: int
     rounds: int
-    model: str = "toy"  # a name in bench.trainer_models.MODELS
+    model: str = "toy"  # a name bench.trainer_models.build takes
     dtype: str = "float32"  # "bfloat16": bf16 autocast on both trainers (CUDA)
+    beta: float = 0.0  # KL coefficient: > 0 makes both trainers compute reference log-probs
 
     @property
     def id(self) -> str:
         base = f"P{self.prompts}xG{self.group}xT{self.max_new}"
-        return base if (self.model, self.dtype) == ("toy", "float32") else f"{base}_{self.model}_{_short(self.dtype)}"
+        base = base if (self.model, self.dtype) == ("toy", "float32") else f"{base}_{self.model}_{_short(self.dtype)}"
+        return base if self.beta == 0 else f"{base}_beta{self.beta:g}"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ vocabulary, so every sampled id decodes.
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import torch
@@ -44,6 +45,24 @@ MODELS = {
 }
 
 
+SCALED = re.compile(r"qwen2-v(\d+)-h(\d+)")  # "qwen2-v32000-h512": see scaled_fields
+
+
+def scaled_name(vocab: int, hidden: int) -> str:
+    return f"qwen2-v{vocab}-h{hidden}"
+
+
+def scaled_fields(vocab: int, hidden: int) -> dict:
+    """A Qwen2 of vocabulary ``vocab`` and width ``hidden`` for the scaling grid (bench.trainer_scaling):
+    hidden 128 is the demo's model (2 layers, 4 heads of 32, FFN 4 x hidden); every doubling of the width
+    adds a layer, heads stay 32 wide, FFN 4 x hidden, all heads are key/value heads (as the demo's)."""
+    if hidden % 32 or hidden < 64:
+        raise ValueError(f"hidden must be a multiple of 32 and >= 64, got {hidden}")
+    layers = 2 + max(0, (hidden // 128).bit_length() - 1)
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32)  # fmt: skip
+
+
 def hash_reward(prompts, completions, **kwargs) -> list[float]:
     """A reward that depends only on the completion's text (CRC-32 in [0, 1]): deterministic, spread out."""
     return [(zlib.crc32(str(c).encode()) % 1001) / 1000 for c in completions]
@@ -61,13 +80,14 @@ def filler_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def build(name: str, device, seed: int = 0):
-    """(tokenizer, model on ``device``, reward function) for a name in ``MODELS``."""
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
-    if MODELS[name] is None:
+    """(tokenizer, model on ``device``, reward function) for a name in ``MODELS`` or a ``scaled_name``."""
+    scaled = SCALED.fullmatch(name)
+    if name not in MODELS and not scaled:
+        raise ValueError(f"model must be one of {sorted(MODELS)} or {SCALED.pattern}, got {name!r}")
+    if MODELS.get(name, 0) is None:
         tokenizer = toy.build_tokenizer()
         return tokenizer, toy.build_model(tokenizer, seed=seed).to(device), accuracy_reward
-    fields = MODELS[name]
+    fields = scaled_fields(*map(int, scaled.groups())) if scaled else MODELS[name]
     tokenizer = filler_tokenizer(fields["vocab_size"])
     ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
     config = Qwen2Config(**fields, **ids, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,

@@ -11,7 +11,7 @@ over its timed steps (the RSS high-water mark above the RSS when they start, ``h
 Both trainers get the model ``shape.model`` names (``bench.trainer_models``; by default the demo's
 0.53M-parameter Qwen2 and character tokenizer, grpo_fast.toy), freshly initialised (step time depends on
 the batch shape, not on what the model knows), P prompts x G completions of at most T new tokens at
-temperature 1.0, the dapo loss, beta 0, one optimizer step per generation batch with
+temperature 1.0, the dapo loss, ``shape.beta`` (0 by default), one optimizer step per generation batch with
 per_device_train_batch_size ``micro`` (TRL splits the update by rows; grpo_fast balances its passes by
 tokens), the model's reward, fp32 (or bf16 autocast: ``shape.dtype``), and gradient checkpointing on or off on both
 sides. A step = sampling + rewards + advantages + the update. Each child also reports the first part
@@ -62,7 +62,7 @@ def _common(shape: TrainerShape, out: str, gc: bool) -> dict:
         "max_completion_length": shape.max_new,
         "temperature": 1.0,
         "loss_type": "dapo",
-        "beta": 0.0,
+        "beta": shape.beta,  # > 0: reference log-probs from a frozen copy of the initial model, on both sides
         "logging_steps": 10**6,
         "seed": 0,
         "bf16": shape.dtype == "bfloat16",  # bf16 autocast (fp32 weights) on both sides, or fp32 on both
@@ -152,6 +152,9 @@ def _child_trl(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> 
     gate.split = hasattr(GRPOTrainer, "_generate_and_score_completions")  # another TRL version: no split
     trainer_class = Timed if gate.split else GRPOTrainer
     tokenizer, model, data, reward = _model_and_data(device, shape)
+    if shape.beta > 0:  # TRL loads its reference model by the policy's name: give it the same weights on disk
+        model.save_pretrained(Path(out) / "initial")
+        model = str(Path(out) / "initial")
     args = GRPOConfig(**_common(shape, out, gc), use_cpu=device.type == "cpu", report_to="none", save_strategy="no",
                       dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
     trainer = trainer_class(model=model, reward_funcs=[reward], args=args, train_dataset=data,
