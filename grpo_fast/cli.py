@@ -9,6 +9,11 @@
 A training config file is YAML with GRPOConfig keys (see grpo_fast.trainer) plus the run keys of
 ``RunArguments`` below (model, data, rewards, device, LoRA); ``--key value`` overrides any of them.
 Unknown keys are errors.
+
+Errors are one line, ``grpo-fast <command>: error: <what>; <remedy>``, with exit code 2 for bad usage
+(a config value, a path, a dataset) and 1 for a run that failed (a reward function, a full disk, a NaN
+loss); ``--debug`` (anywhere on the line) shows the traceback instead. Ctrl-C during ``train`` saves a
+checkpoint of the last finished step and exits with 130.
 """
 
 from __future__ import annotations
@@ -64,7 +69,9 @@ class RunArguments:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    args, rest = parser.parse_known_args([a for a in argv if a != "--debug"])
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from transformers.utils import logging as hf_logging
@@ -73,9 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo, "pipeline": _pipeline}
         return commands[args.command](args, rest)
-    except (configio.ConfigError, FileNotFoundError) as error:
-        print(f"grpo-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"grpo-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        print(f"grpo-fast {args.command}: error: {error_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, USAGE_ERRORS) else 1
+
+
+# what a user fixes in the command, the config or the files it names (exit code 2); anything else is a run
+# that failed (exit code 1)
+USAGE_ERRORS = (configio.ConfigError, ValueError, TypeError, FileNotFoundError, IsADirectoryError)
+
+
+def error_line(error: BaseException) -> str:
+    """``<what>; <remedy>`` on one line: the project's messages carry their remedy; other errors get one."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, USAGE_ERRORS) or type(error).__module__.startswith("grpo_fast"):
+        return text
+    return f"{type(error).__name__}: {text}; rerun with --debug for the traceback"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,10 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="greedy accuracy and pass@k of a model on held-out prompts")
     ev.add_argument("--model", required=True, help="model directory (e.g. RUN_DIR/checkpoint-N)")
     ev.add_argument("--dataset", default="toy", help='"toy" (its held-out split) or a json/jsonl/csv/parquet file')
-    ev.add_argument("--k", type=int, default=1, help="also report pass@k from k samples per prompt")
+    ev.add_argument("--k", type=_positive_int, default=1, help="also report pass@k from k samples per prompt")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the pass@k samples")
-    ev.add_argument("--max-new-tokens", type=int, default=40)
-    ev.add_argument("--num-prompts", type=int, default=None, help="evaluate on the first N prompts only")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    ev.add_argument("--num-prompts", type=_positive_int, default=None, help="evaluate on the first N prompts only")
     ev.add_argument("--seed", type=int, default=0)
     plot = sub.add_parser("plot", help="write RUN_DIR/curves.png (reward, accuracy, kl, length)")
     plot.add_argument("run_dir")
@@ -120,6 +145,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
 def load_train_config(path: str | None, overrides: list[str]):
     """(GRPOConfig, RunArguments) from a YAML file and ``--key value`` overrides."""
     from .trainer import GRPOConfig
@@ -136,14 +171,12 @@ def load_train_config(path: str | None, overrides: list[str]):
 
 
 def _train(args, rest) -> int:
-    import torch
-
     from . import toy
     from .modeling import load_model
     from .trainer import GRPOTrainer
 
     config, run = load_train_config(args.config, rest)
-    device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(run.device)
     if run.model_name_or_path == "toy":
         tokenizer = toy.build_tokenizer()
         model = toy.build_model(tokenizer, seed=config.seed).to(device)
@@ -153,13 +186,28 @@ def _train(args, rest) -> int:
         model = load_model(run.model_name_or_path, device)
         tokenizer = AutoTokenizer.from_pretrained(run.model_name_or_path)
     train, evaluation = _datasets(run.dataset, run.eval_dataset, config.seed)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    config.to_yaml(Path(config.output_dir) / "grpo_config.yaml")
     trainer = GRPOTrainer(model, list(run.reward_funcs), config, train, eval_dataset=evaluation, tokenizer=tokenizer,
                           peft_config=run.peft_config())  # fmt: skip
     metrics = trainer.train(resume_from_checkpoint=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward", "step"))}, indent=2))
     return 0
+
+
+def _device(name: str | None) -> str:
+    """The run's device: ``name`` when this machine has it, None = cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise configio.ConfigError(f"device {name!r} is not a device name ({error}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise configio.ConfigError(f"device {name!r}: this machine has no CUDA device; set device: cpu or leave it out")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise configio.ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return name
 
 
 def _datasets(dataset: str, eval_dataset: str | None, seed: int):
