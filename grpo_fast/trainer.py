@@ -1367,6 +1367,12 @@ def _reward_weights(weights, n: int) -> list[float]:
 
 
 def _as_dataset(data, name: str) -> Dataset:
+    if isinstance(data, (list, tuple)):  # checked before Arrow refuses mixed types in its own words
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise TypeError(f"{name} row {i} must be a dict of columns, got {type(row).__name__}")
+            if "prompt" in row:
+                _check_prompt(row["prompt"], f"{name} row {i}")
     dataset = Dataset.from_list(list(data)) if isinstance(data, (list, tuple)) else data
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} needs a 'prompt' column, got columns {dataset.column_names}")
