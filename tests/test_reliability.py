@@ -519,8 +519,11 @@ def test_cli_model_directory_without_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--num-prompts", "--k", "--max-new-tokens"])
 def test_cli_eval_counts_must_be_positive(tmp_path, capsys, flag):
+    tok, model = tiny()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
     with pytest.raises(SystemExit) as info:
-        main(["eval", "--model", str(tmp_path), flag, "0"])
+        main(["eval", "--model", str(tmp_path), "--max-new-tokens", "2", "--num-prompts", "2", flag, "0"])
     assert info.value.code == 2 and "expected an int >= 1, got 0" in capsys.readouterr().err
 
 
