@@ -54,6 +54,15 @@ class RunArguments:
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] | None = None
 
+    def __post_init__(self):
+        configio.check_field_types(self)
+        checks = (("lora_r", self.lora_r >= 1, "an int >= 1"), ("lora_alpha", self.lora_alpha > 0, "> 0"),
+                  ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+                  ("reward_funcs", len(self.reward_funcs) > 0, "at least one reward name"))  # fmt: skip
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
     def peft_config(self):
         """The ``peft.LoraConfig`` of these arguments, or None without ``use_peft``."""
         if not self.use_peft:

@@ -194,10 +194,11 @@ def call_reward_function(
         raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}{where}") from error
     values = _as_list(values)
     if not isinstance(values, list) or len(values) != len(completions):
-        got = f"{len(values)} values" if isinstance(values, list) else f"{type(values).__name__} {values!r:.100}"
+        shape = f" of shape {tuple(values.shape)}" if hasattr(values, "shape") else ""
+        got = f"{len(values)}" if isinstance(values, list) else f"a {type(values).__name__}{shape}"
         raise RewardFunctionError(
-            f"reward function {name!r} must return one value per completion ({len(completions)}) as a list, tuple, "
-            f"1-d tensor or 1-d numpy array, got {got}"
+            f"reward function {name!r} must return a list of {len(completions)} values (one per completion; a tuple, "
+            f"1-d tensor or 1-d numpy array also does), got {got}"
         )
     out = []
     for i, v in enumerate(values):

@@ -118,6 +118,10 @@ def test_wrongly_typed_config_value_names_the_field(changes, match):
         ("max_steps: {a: 1}\n", "max_steps must be int, got dict"),
         ("max_grad_norm: -1\n", "max_grad_norm must be >= 0"),
         ("learning_rate: .nan\n", "learning_rate must be a finite number"),
+        ("lora_r: 0\n", "lora_r must be an int >= 1, got 0"),
+        ("lora_dropout: 1.0\n", r"lora_dropout must be in \[0, 1\)"),
+        ("reward_funcs: []\n", "reward_funcs must be at least one reward name"),
+        ("use_peft: 2\n", "use_peft must be true or false, got 2"),
     ],
 )
 def test_config_file_values_are_type_checked_with_the_key(tmp_path, text, match):
@@ -419,7 +423,7 @@ def test_wrong_shaped_reward_is_described_without_contradiction():
     def fn(prompts, completions, **kwargs):
         return torch.ones(2, 1)
 
-    with pytest.raises(RewardFunctionError, match=r"one value per completion \(2\) as a list, tuple, 1-d tensor"):
+    with pytest.raises(RewardFunctionError, match=r"a list of 2 values .*1-d tensor .*got a Tensor of shape \(2, 1\)$"):
         call_reward_function(fn, ["p", "q"], ["a", "b"], {})
 
 
