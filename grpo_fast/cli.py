@@ -114,6 +114,7 @@ def error_line(error: BaseException) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo-fast", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train", help="GRPO training from a YAML config; --key value overrides any config key", allow_abbrev=False
