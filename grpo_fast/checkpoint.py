@@ -20,6 +20,8 @@ errno that names the checkpoint and the reason; the temporary directory is remov
 
 Loading never runs code from a file: weights are safetensors, the rest ``torch.load(weights_only=True)``
 (tensors and plain containers only); anything else in a ``.pt`` file is refused with a ValueError.
+Every file is checked for presence and read before anything is loaded into the model, and every error
+(missing, unreadable, truncated, another model's) names its file.
 """
 
 from __future__ import annotations
@@ -212,8 +214,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, schedule
     wanted = {"optimizer.pt": optimizer, "scheduler.pt": scheduler, "ref_model.safetensors": ref_model}
     check_files(path, [_weights_file(model, path), "rng.pt", STATE_FILE, *(f for f, x in wanted.items() if x)])
     state = _read_json(path / STATE_FILE)
-    saved = {name: load_tensors(path / name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt") if
-             name == "rng.pt" or wanted[name] is not None}  # fmt: skip
+    names = [name for name in ("optimizer.pt", "scheduler.pt") if wanted[name] is not None] + ["rng.pt"]
+    saved = {name: load_tensors(path / name) for name in names}  # every file read before the model is touched
     load_weights(model, path)
     for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
         if target is not None:

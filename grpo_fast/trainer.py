@@ -1251,10 +1251,14 @@ def _fsdp_load(path: Path, model, optimizer, scheduler, ref_model) -> dict:
         set_optimizer_state_dict,
     )
 
-    from .checkpoint import STATE_FILE, set_rng_state
+    from .checkpoint import STATE_FILE, check_files, set_rng_state
 
+    adapters = hasattr(model, "peft_config") and (path / "adapter_model.safetensors").exists()
+    weights = "adapter_model.safetensors" if adapters else "model.safetensors"
+    reference = ["ref_model.safetensors"] if ref_model is not None else []
+    check_files(path, [weights, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE, *reference])
     options = StateDictOptions(full_state_dict=True, strict=False)
-    if hasattr(model, "peft_config") and (path / "adapter_model.safetensors").exists():
+    if adapters:
         # the file's names lack the adapter name that the model's parameter names carry
         saved = load_file(str(path / "adapter_model.safetensors"))
         adapter = f".{model.active_adapter}"
