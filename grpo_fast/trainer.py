@@ -908,7 +908,9 @@ class GRPOTrainer:
         """
         with self._own_output_dir(bool(resume_from_checkpoint)):
             try:
-                return self._train(resume_from_checkpoint)
+                metrics = self._train(resume_from_checkpoint)
+                self.dist.barrier()  # every rank returns once rank 0 has written the last metrics (after the save)
+                return metrics
             except KeyboardInterrupt:
                 self._save_on_interrupt()
                 raise
