@@ -989,7 +989,7 @@ class GRPOTrainer:
                 "that run to end or choose another output_dir"
             ) from None
         try:
-            if not resuming:
+            if not resuming and self.state.step == 0:  # (a trainer that already trained continues its own run)
                 self._claim_output_dir()
             yield
         finally:

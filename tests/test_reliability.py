@@ -278,6 +278,12 @@ def test_fresh_run_into_another_runs_directory_is_refused(tmp_path, rows):
     assert (tmp_path / "metrics.jsonl").read_text() == saved and (tmp_path / "checkpoint-2").is_dir()
 
 
+def test_a_trainer_may_call_train_again_on_its_own_run(tmp_path, rows):
+    t = trainer(tmp_path, rows, max_steps=1)
+    t.train()
+    assert t.train() == {} and t.state.step == 1  # max_steps reached: nothing to do, and no refusal
+
+
 def test_overwrite_output_dir_deletes_the_earlier_runs_checkpoints(tmp_path, rows, capsys):
     trainer(tmp_path, rows, max_steps=2, save_steps=1).train()
     trainer(tmp_path, rows, max_steps=1, overwrite_output_dir=True).train()
