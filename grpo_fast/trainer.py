@@ -1034,6 +1034,9 @@ class GRPOTrainer:
                 print(f"no checkpoint in {self.run_dir}; starting from step 0", file=sys.stderr)
             return
         state = _read_trainer_state(path)  # checked before anything is loaded
+        if state.step > self.config.max_steps:
+            raise ValueError(f"cannot resume {path}: it is at step {state.step}, past max_steps = "
+                             f"{self.config.max_steps}; set max_steps >= {state.step}")  # fmt: skip
         changed = self._compare_saved_config(path)
         if is_fsdp(self._policy):
             _fsdp_load(path, self.model, self.optimizer, self.scheduler, self.ref_model)

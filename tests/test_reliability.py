@@ -358,6 +358,12 @@ def test_resume_refuses_a_setting_fixed_for_the_run(tmp_path, rows, changes, nam
     assert all(torch.equal(v, before[k]) for k, v in params(t.model).items())  # nothing loaded
 
 
+def test_resume_past_max_steps_is_refused(tmp_path, rows):
+    trainer(tmp_path, rows, max_steps=2).train()
+    with pytest.raises(ValueError, match=r"it is at step 2, past max_steps = 1; set max_steps >= 2"):
+        trainer(tmp_path, rows, max_steps=1).train(resume_from_checkpoint=True)
+
+
 def test_resume_into_another_model_names_it(tmp_path, rows):
     trainer(tmp_path, rows, max_steps=1).train()
     tok = toy.build_tokenizer()
