@@ -48,6 +48,7 @@ def demo_configs(seed: int, out: str | Path, steps: int) -> tuple[SFTConfig, GRP
     )
     grpo = GRPOConfig(
         output_dir=str(out),
+        overwrite_output_dir=True,  # a demo run starts over in its directory
         seed=seed,
         max_steps=steps,
         learning_rate=1e-4,  # 3e-4 collapses the policy (TARGETS.md)
