@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import configio
+from . import configio, tracking
 
 DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -143,6 +143,7 @@ def _train(args, rest) -> int:
     from .trainer import GRPOTrainer
 
     config, run = load_train_config(args.config, rest)
+    tracking.resolve_report_to(config.report_to)  # a tracker that is not installed: say so before loading anything
     device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if run.model_name_or_path == "toy":
         tokenizer = toy.build_tokenizer()
