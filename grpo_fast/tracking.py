@@ -10,9 +10,10 @@ Where the run lives:
 - tensorboard: event files in ``logging_dir`` (``tensorboard --logdir``);
 - wandb: ``logging_dir/wandb`` (W&B's own settings apply: ``WANDB_MODE=offline``, ``WANDB_ENTITY``, ...);
 - trackio: trackio's local store (``TRACKIO_DIR``, default ``~/.cache/huggingface/trackio``; ``trackio show``);
-- mlflow: ``MLFLOW_TRACKING_URI`` when set, else the SQLite store ``logging_dir/mlflow.db`` with artifacts in
-  ``logging_dir/mlartifacts`` (``mlflow ui --backend-store-uri sqlite:///...``; needs the full ``mlflow``
-  package, or ``mlflow-skinny`` with SQLAlchemy and Alembic).
+- mlflow: ``MLFLOW_TRACKING_URI`` when set, else the SQLite store ``mlflow.db`` in ``store_dir`` (default
+  logging_dir) with artifacts in ``mlartifacts`` beside it (``mlflow ui --backend-store-uri sqlite:///...``;
+  needs the full ``mlflow`` package, or ``mlflow-skinny`` with SQLAlchemy and Alembic). Characters MLflow
+  does not take in a metric name become "_".
 The project (W&B / trackio project, MLflow experiment) is ``RunInfo.project``, by default "grpo-fast" or,
 as in transformers' integrations, ``WANDB_PROJECT`` / ``TRACKIO_PROJECT`` / ``MLFLOW_EXPERIMENT_NAME``.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +81,8 @@ class RunInfo:
     name: the run's name. logging_dir: where local files go (see the module docstring). config: the
     hyper-parameters (a flat mapping). project / group: W&B and trackio project and group, MLflow experiment
     and "group" tag; project None = the backend's environment variable, else "grpo-fast". resume_step: the
-    step a resumed run continues from (0 = a fresh run).
+    step a resumed run continues from (0 = a fresh run). store_dir: where MLflow's default SQLite store
+    lives, so that several runs (the R1 pipeline's stages) share one; None = logging_dir.
     """
 
     name: str
@@ -88,6 +91,7 @@ class RunInfo:
     project: str | None = None
     group: str | None = None
     resume_step: int = 0
+    store_dir: str | Path | None = None
 
     def project_for(self, env_var: str) -> str:
         return self.project or os.environ.get(env_var) or DEFAULT_PROJECT
@@ -197,7 +201,7 @@ class MLflowTracker(Tracker):
     def __init__(self, run: RunInfo):
         from mlflow.tracking import MlflowClient
 
-        here = Path(run.logging_dir).resolve()
+        here = Path(run.store_dir or run.logging_dir).resolve()
         here.mkdir(parents=True, exist_ok=True)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{here / 'mlflow.db'}"
         self.client = client = MlflowClient(uri)
@@ -228,7 +232,8 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        metrics = [Metric(_MLFLOW_INVALID.sub("_", k), float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_completions(self, rows, step):
         columns = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
@@ -237,6 +242,8 @@ class MLflowTracker(Tracker):
     def finish(self):
         self.client.set_terminated(self.run_id)
 
+
+_MLFLOW_INVALID = re.compile(r"[^\w/.\- :]")  # MLflow's metric names: word characters and / . - space :
 
 TRACKERS = {
     "tensorboard": TensorBoardTracker,

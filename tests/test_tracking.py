@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from grpo_fast import toy, tracking
 from grpo_fast.cli import main
@@ -231,3 +232,40 @@ def test_cli_train_report_to_tensorboard_writes_event_files(tmp_path, offline):
     assert main(args) == 0
     assert list((out / "runs").glob("events.out.tfevents.*"))
     assert not math.isnan(json.loads((out / "metrics.jsonl").read_text())["reward"])
+
+
+# ----------------------------------------------------------------------------- the R1 pipeline
+PIPELINE = {
+    "seed": 0,
+    "threads": 1,
+    "num_train": 300,
+    "evaluation": {"num_prompts": 4, "samples": 2, "max_new_tokens": 12},
+    "stages": [
+        {"name": "base", "max_steps": 3, "target_accuracy": None, "batch_size": 8},
+        {"name": "r1_zero", "max_steps": 2, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 12,
+         "logging_steps": 1},
+    ],
+}  # fmt: skip
+
+
+def test_pipeline_stages_are_runs_named_after_them_in_one_group(tmp_path, offline):
+    need("tensorboard")
+    need("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "r1-run"
+    (tmp_path / "r1.yaml").write_text(yaml.safe_dump({**PIPELINE, "output_dir": str(run_dir)}))
+    assert main(["pipeline", "--config", str(tmp_path / "r1.yaml"), "--report_to", "tensorboard,wandb"]) == 0
+    report = {r["name"]: r for r in json.loads((run_dir / "report.json").read_text())}
+    for name in ("base", "r1_zero"):
+        events = EventAccumulator(str(run_dir / name / "runs"), size_guidance={"scalars": 0}).Reload()
+        accuracy = events.Scalars("eval/accuracy")
+        steps = report[name]["details"]["steps"]
+        assert [(e.step, e.value) for e in accuracy] == [(steps, pytest.approx(report[name]["metrics"]["accuracy"]))]
+        (file,) = (run_dir / name / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
+        (run,) = [r.run for r in wandb_records(file) if r.WhichOneof("record_type") == "run"]
+        assert (run.display_name, run.run_group) == (name, "r1-run")
+    rows = [json.loads(x) for x in (run_dir / "r1_zero" / "metrics.jsonl").read_text().splitlines()]
+    rewards = {e.step: e.value for e in events.Scalars("reward")}  # r1_zero's
+    assert rewards == {r["step"]: pytest.approx(r["reward"], rel=2**-23) for r in rows}
+    assert "completions/text_summary" in events.Tags()["tensors"]
