@@ -6,6 +6,7 @@ import json
 import math
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,22 +53,22 @@ def offline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(offline, tmp_path_factory):
-    """A 3-step run logging to every installed backend: steps 1-2, then resumed from checkpoint-2 for step 3.
-
-    Returns (output_dir, metrics.jsonl rows)."""
+    """A 3-step run logging to every installed backend, then resumed from its checkpoint-2 (as after a crash
+    that came after step 3 was logged): step 3 again. Returns (output_dir, metrics.jsonl rows)."""
     out = tmp_path_factory.mktemp("run")
     tok = toy.build_tokenizer()
     data = toy.make_splits(num_train=64, num_dev=4, num_test=8)["train"]
-    cfg = GRPOConfig(output_dir=str(out), seed=3, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=8,
-                     num_generations=4, max_completion_length=8, logging_steps=1, report_to=INSTALLED,
-                     run_name="tiny", log_completions_steps=2)  # fmt: skip
+    cfg = GRPOConfig(output_dir=str(out), seed=3, max_steps=3, save_steps=2, learning_rate=1e-2,
+                     per_device_train_batch_size=8, num_generations=4, max_completion_length=8, logging_steps=1,
+                     report_to=INSTALLED, run_name="tiny", log_completions_steps=2)  # fmt: skip
 
     def trainer(config):
         model = toy.build_model(tok, seed=0, hidden_size=32, layers=1, heads=2, ffn=64)
         return GRPOTrainer(model, [accuracy_reward, digits], config, data, tokenizer=tok)
 
     trainer(cfg).train()
-    trainer(cfg.replace(max_steps=3, log_completions_steps=3)).train(resume_from_checkpoint=True)
+    time.sleep(1.1)  # W&B names an offline run's directory by the second it started
+    trainer(cfg.replace(log_completions_steps=3)).train(resume_from_checkpoint=str(out / "checkpoint-2"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     return out, rows
@@ -99,11 +100,13 @@ def test_tensorboard_event_files_hold_metrics_config_completions_and_the_resumed
 
     out, rows = run
     events = EventAccumulator(str(out / "runs"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    for tag in events.Tags()["scalars"]:  # the first attempt's step 3 is purged: each step once
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3], tag
     logged = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
     assert_same(logged, rows, rel=2**-23)  # TensorBoard stores float32: one rounding
     text = {tag: {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors(tag)}
             for tag in events.Tags()["tensors"]}  # fmt: skip
-    assert sorted(text["completions/text_summary"]) == [2, 3]  # step 2 from the first run, 3 after resuming
+    assert sorted(text["completions/text_summary"]) == [2, 3]  # step 2 from the first attempt, 3 after resuming
     table = text["completions/text_summary"][3].splitlines()
     assert table[0] == "| " + " | ".join(TABLE_COLUMNS) + " |" and len(table) == 2 + 8  # header, rule, 8 rows
     assert "| learning_rate | 0.01 |" in text["config/text_summary"][0]
