@@ -202,6 +202,11 @@ class MLflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         here = Path(run.store_dir or run.logging_dir).resolve()
+        if "MLFLOW_TRACKING_URI" not in os.environ and importlib.util.find_spec("sqlalchemy") is None:
+            raise configio.ConfigError(
+                "report_to='mlflow' stores runs in SQLite, which needs SQLAlchemy (mlflow-skinny lacks it): "
+                "pip install mlflow, or set MLFLOW_TRACKING_URI"
+            )
         here.mkdir(parents=True, exist_ok=True)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{here / 'mlflow.db'}"
         self.client = client = MlflowClient(uri)

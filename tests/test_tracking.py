@@ -226,6 +226,15 @@ def test_a_backend_that_is_not_installed_is_a_one_line_error_with_the_pip_comman
     )
 
 
+def test_mlflow_default_sqlite_store_without_sqlalchemy_is_a_one_line_error(tmp_path, monkeypatch):
+    need("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None if name == "sqlalchemy" else real(name))
+    with pytest.raises(ConfigError, match="needs SQLAlchemy .*: pip install mlflow, or set MLFLOW_TRACKING_URI"):
+        tracking.start_tracking("mlflow", tracking.RunInfo("r", tmp_path))
+
+
 def test_cli_train_report_to_tensorboard_writes_event_files(tmp_path, offline):
     need("tensorboard")
     out = tmp_path / "run"
