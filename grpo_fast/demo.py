@@ -37,8 +37,8 @@ MAX_COMPLETION_LENGTH = 40  # the longest target is 35 tokens; room for a little
 ACCURACY = "rewards/accuracy_reward/mean"
 
 
-def demo_configs(seed: int, out: str | Path, steps: int, report_to="none") -> tuple[SFTConfig, GRPOConfig]:
-    """The demo's SFT and GRPO settings (TARGETS.md, "a GRPO demo on CPU"); report_to: GRPOConfig.report_to."""
+def demo_configs(seed: int, out: str | Path, steps: int) -> tuple[SFTConfig, GRPOConfig]:
+    """The demo's SFT and GRPO settings (TARGETS.md, "a GRPO demo on CPU")."""
     sft = SFTConfig(
         learning_rate=1e-3,
         batch_size=64,
@@ -67,7 +67,6 @@ def demo_configs(seed: int, out: str | Path, steps: int, report_to="none") -> tu
         reward_weights=(1.0, 0.0),  # reward = accuracy; the format reward is only logged
         logging_steps=5,
         eval_steps=25,
-        report_to=report_to,
         log_completions_steps=25,  # with a tracker: a table of the step's 256 completions
     )
     return sft, grpo
@@ -164,7 +163,8 @@ def _run(seed: int, out: Path, steps: int, governor: ThreadGovernor, report_to="
     tokenizer = toy.build_tokenizer()
     model = toy.build_model(tokenizer, seed=seed)
     splits = toy.make_splits(seed=seed)
-    sft_config, grpo_config = demo_configs(seed, out, steps, report_to)
+    sft_config, grpo_config = demo_configs(seed, out, steps)
+    grpo_config = grpo_config.replace(report_to=report_to)
     print(
         f"[demo] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Qwen2, {len(splits['train'])} "
         f"train / {len(splits['test'])} held-out prompts"

@@ -163,7 +163,7 @@ class WandbTracker(Tracker):
         self.run.log(metrics, step=step)
 
     def log_completions(self, rows, step):
-        columns = list(rows[0]) if rows else []
+        columns = list(rows[0])
         table = self.wandb.Table(columns=columns, data=[list(r.values()) for r in rows])
         self.run.log({"completions": table}, step=step)
 
@@ -186,7 +186,7 @@ class TrackioTracker(Tracker):
         self.run.log(metrics, step=step)
 
     def log_completions(self, rows, step):
-        columns = list(rows[0]) if rows else []
+        columns = list(rows[0])
         table = self.trackio.Table(columns=columns, data=[list(r.values()) for r in rows])
         self.run.log({"completions": table}, step=step)
 
@@ -241,7 +241,7 @@ class MLflowTracker(Tracker):
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_completions(self, rows, step):
-        columns = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+        columns = {k: [r[k] for r in rows] for k in rows[0]}
         self.client.log_table(self.run_id, columns, f"completions/step_{step:06d}.json")
 
     def finish(self):
@@ -273,6 +273,8 @@ class Trackers(Tracker):
             tracker.log_metrics(metrics, step)
 
     def log_completions(self, rows, step):
+        if not rows:  # e.g. a rank with no rows in a dynamic-sampling round
+            return
         for tracker in self.trackers:
             tracker.log_completions(rows, step)
 

@@ -84,7 +84,7 @@ class GRPOConfig:
         ("none",), "experiment trackers: tensorboard, wandb, trackio, mlflow (a list), all (the installed ones), none"
     )
     run_name: str | None = _f(None, "the tracked run's name; None = output_dir's last component")
-    logging_dir: str | None = _f(None, "tracker files (TensorBoard events, wandb/, mlruns/); None = output_dir/runs")
+    logging_dir: str | None = _f(None, "tracker files (TensorBoard events, wandb/, mlflow.db); None = output_dir/runs")
     log_completions_steps: int = _f(
         0, "log a table of the step's completions and rewards to the trackers every this many steps; 0 = never"
     )
@@ -867,7 +867,8 @@ class GRPOTrainer:
         metrics: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
                    disable=not main)  # fmt: skip
-        with bar, self.start_tracking() if main else tracking.Trackers([]) as tracker:
+        tracker = self.start_tracking() if main else tracking.Trackers([])  # rank 0 only; finished on exit
+        with bar, tracker:
             while self.state.step < cfg.max_steps:
                 metrics = self.step()
                 step, last = self.state.step, self.state.step == cfg.max_steps

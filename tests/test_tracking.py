@@ -195,6 +195,20 @@ def test_mlflow_file_store_holds_metrics_params_completions_and_the_resumed_step
     assert table["columns"] == TABLE_COLUMNS and len(table["data"]) == 8
 
 
+def test_tensorboard_table_cells_stay_in_their_cell_and_an_empty_table_logs_nothing(tmp_path):
+    need("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tracking.start_tracking("tensorboard", tracking.RunInfo("r", tmp_path)) as tracker:  # no config
+        tracker.log_completions([{"prompt": "1|2", "completion": "<think>a\nb</think>", "reward": 0.5}], step=1)
+        tracker.log_completions([], step=2)
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0}).Reload()
+    (table,) = events.Tensors("completions/text_summary")
+    assert table.step == 1 and table.tensor_proto.string_val[0].decode().splitlines()[2] == (
+        "| 1\\|2 | &lt;think&gt;a<br>b&lt;/think&gt; | 0.5 |"
+    )
+
+
 # ----------------------------------------------------------------------------- config, errors, CLI
 def test_report_to_takes_trl_values_and_rejects_others_naming_the_field(tmp_path):
     assert GRPOConfig(output_dir=str(tmp_path)).report_to == ("none",)
