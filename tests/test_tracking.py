@@ -4,8 +4,8 @@ metrics.jsonl. Nothing reaches the network: W&B runs offline, trackio and MLflow
 
 import json
 import math
+import os
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -39,14 +39,15 @@ def offline(tmp_path_factory):
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_SILENT", "true")
     mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRACKIO_DIR", str(base / "trackio"))  # read when trackio is imported
     # MLflow's file store: its default SQLite store takes ~10 s to create its tables
     mp.setenv("MLFLOW_TRACKING_URI", (base / "mlruns").as_uri())
     mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     for name in ("WANDB_PROJECT", "TRACKIO_PROJECT", "MLFLOW_EXPERIMENT_NAME"):
         mp.delenv(name, raising=False)
-    if "trackio" in sys.modules:
-        pytest.fail("trackio was imported before TRACKIO_DIR was set: its store would be the user's")
+    if "trackio" in INSTALLED:  # its store: set by tests/conftest.py before anything imported trackio
+        from trackio import utils
+
+        assert utils.TRACKIO_DIR == Path(os.environ["TRACKIO_DIR"])
     yield base
     mp.undo()
 
