@@ -118,7 +118,8 @@ class Tracker:
     def log_completions(self, rows: list[dict], step: int) -> None:
         raise NotImplementedError
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """End the run; ``failed``: it ended with an exception (W&B and MLflow mark it so)."""
         raise NotImplementedError
 
 
@@ -143,7 +144,7 @@ class TensorBoardTracker(Tracker):
     def log_completions(self, rows, step):
         self.writer.add_text("completions", _markdown_table(rows), step)
 
-    def finish(self):
+    def finish(self, failed=False):
         self.writer.close()
 
 
@@ -167,8 +168,8 @@ class WandbTracker(Tracker):
         table = self.wandb.Table(columns=columns, data=[list(r.values()) for r in rows])
         self.run.log({"completions": table}, step=step)
 
-    def finish(self):
-        self.run.finish()
+    def finish(self, failed=False):
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class TrackioTracker(Tracker):
@@ -190,7 +191,7 @@ class TrackioTracker(Tracker):
         table = self.trackio.Table(columns=columns, data=[list(r.values()) for r in rows])
         self.run.log({"completions": table}, step=step)
 
-    def finish(self):
+    def finish(self, failed=False):
         self.run.finish()
 
 
@@ -244,8 +245,8 @@ class MLflowTracker(Tracker):
         columns = {k: [r[k] for r in rows] for k in rows[0]}
         self.client.log_table(self.run_id, columns, f"completions/step_{step:06d}.json")
 
-    def finish(self):
-        self.client.set_terminated(self.run_id)
+    def finish(self, failed=False):
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 _MLFLOW_INVALID = re.compile(r"[^\w/.\- :]")  # MLflow's metric names: word characters and / . - space :
@@ -278,15 +279,15 @@ class Trackers(Tracker):
         for tracker in self.trackers:
             tracker.log_completions(rows, step)
 
-    def finish(self):
+    def finish(self, failed=False):
         for tracker in self.trackers:
-            tracker.finish()
+            tracker.finish(failed)
 
     def __enter__(self) -> Trackers:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.finish()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.finish(failed=exc_type is not None)
 
 
 def start_tracking(report_to, run: RunInfo) -> Trackers:
@@ -296,7 +297,7 @@ def start_tracking(report_to, run: RunInfo) -> Trackers:
         for name in resolve_report_to(report_to):
             trackers.append(TRACKERS[name](run))
     except BaseException:
-        Trackers(trackers).finish()  # the ones already started
+        Trackers(trackers).finish(failed=True)  # the ones already started
         raise
     return Trackers(trackers)
 

@@ -210,6 +210,19 @@ def test_tensorboard_table_cells_stay_in_their_cell_and_an_empty_table_logs_noth
     )
 
 
+def test_a_run_that_raises_is_marked_failed(tmp_path, offline):
+    need("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.start_tracking("mlflow", tracking.RunInfo("crashes", tmp_path, project="crash")) as tracker:
+            tracker.log_metrics({"reward": 1.0}, step=1)
+            raise RuntimeError("boom")
+    client = MlflowClient((offline / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    assert run.info.status == "FAILED" and run.data.metrics == {"reward": 1.0}
+
+
 # ----------------------------------------------------------------------------- config, errors, CLI
 def test_report_to_takes_trl_values_and_rejects_others_naming_the_field(tmp_path):
     assert GRPOConfig(output_dir=str(tmp_path)).report_to == ("none",)
