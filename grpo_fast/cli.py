@@ -2,6 +2,7 @@
 
     grpo-fast demo [--seed N] [--out RUN_DIR]                  SFT warm-start + GRPO on the toy task, offline
     grpo-fast train --config FILE [--key value ...] [--resume [CHECKPOINT]]
+    grpo-fast train|demo ... --report_to tensorboard           also log to trackers (wandb, trackio, mlflow, all)
     grpo-fast eval --model DIR [--dataset toy|FILE] [--k K]    greedy accuracy (and pass@k) on held-out prompts
     grpo-fast plot RUN_DIR                                     RUN_DIR/curves.png from RUN_DIR/metrics.jsonl
     grpo-fast pipeline [--config FILE] [--stages a,b]          the DeepSeek-R1 recipe, stage by stage (toy task)
@@ -28,9 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from . import configio
+from . import configio, tracking
 
 RUN_ARGUMENTS_FILE = "run_arguments.yaml"
+REPORT_TO_HELP = "experiment trackers, comma-separated: tensorboard, wandb, trackio, mlflow; all; none (default)"
 DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -175,6 +177,7 @@ def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="run directory (default runs/demo-seed<N>)")
     demo.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the demo's tuned value)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: one per idle core)")
+    demo.add_argument("--report_to", default="none", help=REPORT_TO_HELP)
     pipe = sub.add_parser(
         "pipeline",
         help="DeepSeek-R1 recipe on the toy task: R1-Zero, cold start, RL, rejection sampling, SFT, RL, "
@@ -185,6 +188,7 @@ def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
     pipe.add_argument("--output-dir", default=None, help="RUN_DIR (default: the config's, else runs/r1-toy-seed<N>)")
     pipe.add_argument("--seed", type=int, default=None)
     pipe.add_argument("--threads", type=int, default=None, help="torch threads (default: one per idle core)")
+    pipe.add_argument("--report_to", default=None, help=REPORT_TO_HELP.replace("none (default)", "none"))
     return parser
 
 
@@ -262,6 +266,7 @@ def _train(args, rest) -> int:
 
     config, run = load_train_config(args.config, [*_given_keys(args), *rest])
     device = _device(run.device)
+    tracking.resolve_report_to(config.report_to)  # a tracker that is not installed: say so before loading anything
     if run.model_name_or_path == "toy":
         tokenizer = toy.build_tokenizer()
         model = toy.build_model(tokenizer, seed=config.seed).to(device)
@@ -380,14 +385,21 @@ def _demo(args, rest) -> int:
     from .demo import run_demo
 
     kwargs = {} if args.steps is None else {"steps": args.steps}
-    run_demo(seed=args.seed, out=args.out, threads=args.threads, **kwargs)
+    report_to = tuple(args.report_to.split(","))
+    try:
+        tracking.check_report_to(report_to)
+    except (TypeError, ValueError) as error:
+        raise configio.ConfigError(str(error)) from error
+    run_demo(seed=args.seed, out=args.out, threads=args.threads, report_to=report_to, **kwargs)
     return 0
 
 
 def _pipeline(args, rest) -> int:
     from .pipeline import load_config, run_pipeline
 
-    config = load_config(args.config, output_dir=args.output_dir, seed=args.seed, threads=args.threads)
+    config = load_config(args.config, output_dir=args.output_dir, seed=args.seed, threads=args.threads,
+                         report_to=args.report_to)  # fmt: skip
+    tracking.resolve_report_to(config.report_to)  # a tracker that is not installed: say so before any stage
     if args.stages:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
         names = [s.name for s in config.stages]

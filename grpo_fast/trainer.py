@@ -49,7 +49,7 @@ from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import configio, evaluation
+from . import configio, evaluation, tracking
 from .advantages import group_advantages
 from .checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LossConfig
@@ -90,6 +90,14 @@ class GRPOConfig:
     logging_steps: int = _f(1, "log metrics every this many steps")
     save_steps: int = _f(0, "save a checkpoint every this many steps; 0 = only at the end")
     eval_steps: int = _f(0, "greedy evaluation on eval_dataset every this many steps; 0 = only at the end")
+    report_to: tuple[str, ...] = _f(
+        ("none",), "experiment trackers: tensorboard, wandb, trackio, mlflow (a list), all (the installed ones), none"
+    )
+    run_name: str | None = _f(None, "the tracked run's name; None = output_dir's last component")
+    logging_dir: str | None = _f(None, "tracker files (TensorBoard events, wandb/, mlflow.db); None = output_dir/runs")
+    log_completions_steps: int = _f(
+        0, "log a table of the step's completions and rewards to the trackers every this many steps; 0 = never"
+    )
     # optimisation
     learning_rate: float = _f(1e-6, "AdamW peak learning rate. DeepSeekMath 1e-6, DeepSeek-R1 3e-6")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -161,6 +169,7 @@ class GRPOConfig:
     vllm_importance_sampling_cap: float | None = _f(None, "deprecated TRL name of vllm_importance_sampling_clip_max")
 
     def __post_init__(self):
+        object.__setattr__(self, "report_to", tracking.check_report_to(self.report_to))  # a name -> (name,)
         configio.check_field_types(self)  # types, and no NaN/inf in any float field
         for name in (
             "max_steps",
@@ -173,7 +182,7 @@ class GRPOConfig:
             "max_dynamic_sampling_tries",
         ):
             _check(getattr(self, name) >= 1, name, "an int >= 1", getattr(self, name))
-        for name in ("save_steps", "eval_steps", "warmup_steps", "top_k"):
+        for name in ("save_steps", "eval_steps", "warmup_steps", "top_k", "log_completions_steps"):
             _check(getattr(self, name) >= 0, name, "an int >= 0", getattr(self, name))
         for name in ("max_prompt_length", "eval_max_new_tokens", "vllm_max_model_length"):
             _check(getattr(self, name) is None or getattr(self, name) >= 1, name, "None or an int >= 1",
@@ -422,6 +431,7 @@ class GRPOTrainer:
         self.state = TrainerState(seed=config.seed)
         self.engine = engine if engine is not None else build_engine(config, model)
         self._correction_stats = None  # this step's rollout-correction statistics (for the metrics)
+        self.sampled: Batch | None = None  # what the last step sampled (completions_table)
         self.run_dir = Path(config.output_dir)
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the train rows)
         # what a Ctrl-C may save: the state at the start of an unfinished step, whether its update was applied
@@ -450,6 +460,7 @@ class GRPOTrainer:
         if cfg.num_iterations == 1:
             old_logprobs = None  # on-policy: ratio exactly 1
         updates = [self._optimizer_step(batch, old_logprobs, ref_logprobs, ratio) for _ in range(cfg.num_iterations)]
+        self.sampled = sampled  # for the trackers' completions table
         self.state.step += 1
         self._sync_ref_model()
         self._step_start = None  # the step is finished
@@ -929,7 +940,8 @@ class GRPOTrainer:
         metrics: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
                    disable=not main)  # fmt: skip
-        with bar:
+        tracker = self.start_tracking() if main else tracking.Trackers([])  # rank 0 only; finished on exit
+        with bar, tracker:
             while self.state.step < cfg.max_steps:
                 metrics = self.step()
                 step, last = self.state.step, self.state.step == cfg.max_steps
@@ -941,9 +953,33 @@ class GRPOTrainer:
                 if log is not None and (step % cfg.logging_steps == 0 or evaluating or last):
                     log.write(metrics)
                     bar.write(format_metrics(metrics, cfg.max_steps))
+                    tracker.log_metrics(metrics, step)
+                if tracker and cfg.log_completions_steps and step % cfg.log_completions_steps == 0:
+                    tracker.log_completions(self.completions_table(), step)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", refresh=False)
                 bar.update(1)
         return metrics
+
+    def start_tracking(self) -> tracking.Trackers:
+        """The runs of ``config.report_to`` (continuing the tracked run when resumed at step > 0)."""
+        cfg = self.config
+        run = tracking.RunInfo(cfg.run_name or self.run_dir.resolve().name, cfg.logging_dir or self.run_dir / "runs",
+                               cfg.to_dict(), resume_step=self.state.step)  # fmt: skip
+        return tracking.start_tracking(cfg.report_to, run)
+
+    def completions_table(self) -> list[dict]:
+        """The last step's completions on this rank: prompt, completion, reward and each function's reward."""
+        r, batch = self.sampled.rollout, self.sampled
+        prompts = self.tokenizer.batch_decode([ids[m] for ids, m in zip(r.prompt_ids, r.prompt_mask.bool())],
+                                              skip_special_tokens=True)  # fmt: skip
+        completions = self.tokenizer.batch_decode(completion_id_lists(r), skip_special_tokens=True)
+        names = [reward_name(fn) for fn in self.reward_funcs]
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            per_func = {n: float(batch.rewards_per_func[i, j]) for j, n in enumerate(names)}
+            rows.append({"step": self.state.step, "prompt": prompt, "completion": completion,
+                         "reward": float(batch.rewards[i]), **per_func})  # fmt: skip
+        return rows
 
     def save_checkpoint(self) -> Path:
         """Atomically write output_dir/checkpoint-<step> (model, tokenizer, optimizer, scheduler, RNG, state).
