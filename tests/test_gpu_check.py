@@ -97,3 +97,13 @@ def test_bad_arguments_are_rejected(tmp_path, capsys, args, match):
 def test_without_a_gpu_the_full_run_says_to_use_dry_run(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA device; --dry-run"):
         gpu_check.main(["--out", str(tmp_path)])
+
+
+def test_an_uninstalled_checkout_is_told_to_install(tmp_path, monkeypatch):
+    """grpo_fast.kernels is the top-level kernels/ folder mapped at install: a bare clone cannot import it."""
+    find_spec = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(
+        gpu_check.importlib.util, "find_spec", lambda name: None if name == "grpo_fast.kernels" else find_spec(name)
+    )
+    with pytest.raises(SystemExit, match="grpo_fast is not installed.*pip install -e ."):
+        gpu_check.main(["--dry-run", "--out", str(tmp_path)])
