@@ -69,7 +69,8 @@ def environment(ctx: Context) -> None:
         ceilings[f"gemm_{dtype}"] = skipped if reason else _gemm_rate(ctx.device, dtype, profile.ceiling_gemm,
                                                                       profile.ceiling_rounds)  # fmt: skip
     ctx.state["ceilings"] = ceilings
-    ctx.state["status"] = "ok"
+    measured = [key for key, c in ceilings.items() if "median" in c]
+    ctx.state.update(status="ok", reason=f"measured: {', '.join(measured)}")
 
 
 def _copy_rate(device: torch.device, mib: int, rounds: int) -> dict:
