@@ -258,6 +258,32 @@ def measure_paired(benchmark, case: Case, floor: Case, rounds: int, device: torc
     return info
 
 
+def time_calls(run: Callable[[], object], device: torch.device, rounds: int, warmup: int = 1,
+               setup: Callable[[], None] = lambda: None) -> list[float]:  # fmt: skip
+    """Seconds of each of ``rounds`` calls of ``run`` after ``warmup`` untimed ones, ``setup`` untimed before
+    each. On CUDA the time between two events around the call (the device's time, launch gaps included);
+    elsewhere the host clock. For scripts outside pytest-benchmark (``bench.gpu_check``)."""
+    for _ in range(warmup):
+        setup()
+        run()
+    times = []
+    for _ in range(rounds):
+        setup()
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def record_external(benchmark, durations: list[float]) -> None:
     """Hand durations timed elsewhere (TRL's training loop, by a callback) to pytest-benchmark.
 

@@ -71,10 +71,13 @@ class TrainerShape:
     micro: int
     warmup: int
     rounds: int
+    model: str = "toy"  # a name in bench.trainer_models.MODELS
+    dtype: str = "float32"  # "bfloat16": bf16 autocast on both trainers (CUDA)
 
     @property
     def id(self) -> str:
-        return f"P{self.prompts}xG{self.group}xT{self.max_new}"
+        base = f"P{self.prompts}xG{self.group}xT{self.max_new}"
+        return base if (self.model, self.dtype) == ("toy", "float32") else f"{base}_{self.model}_{_short(self.dtype)}"
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,12 @@ it is blocked waiting for the next "go" (TRL's loop does bookkeeping between ste
 the report, so it never overlaps the other trainer's step). Each child measures its own peak memory
 over its timed steps (the RSS high-water mark above the RSS when they start, ``harness.PeakMemory``).
 
-Both trainers get the demo's 0.53M-parameter Qwen2 and character tokenizer (grpo_fast.toy, freshly
-initialised: step time depends on the batch shape, not on what the model knows), P prompts x G
-completions of at most T new tokens at temperature 1.0, the dapo loss, beta 0, one optimizer step per
-generation batch with per_device_train_batch_size ``micro`` (TRL splits the update by rows; grpo_fast
-balances its passes by tokens), the accuracy reward, fp32, and gradient checkpointing on or off on both
+Both trainers get the model ``shape.model`` names (``bench.trainer_models``; by default the demo's
+0.53M-parameter Qwen2 and character tokenizer, grpo_fast.toy), freshly initialised (step time depends on
+the batch shape, not on what the model knows), P prompts x G completions of at most T new tokens at
+temperature 1.0, the dapo loss, beta 0, one optimizer step per generation batch with
+per_device_train_batch_size ``micro`` (TRL splits the update by rows; grpo_fast balances its passes by
+tokens), the model's reward, fp32 (or bf16 autocast: ``shape.dtype``), and gradient checkpointing on or off on both
 sides. A step = sampling + rewards + advantages + the update. Each child also reports the first part
 ("sampling"): grpo_fast's ``time/rollout`` metric, and for TRL the time in the one method that samples and
 scores (``GRPOTrainer._generate_and_score_completions``, timed by a subclass); the rest of the step is the
@@ -40,13 +41,14 @@ LEARNING_RATE = 1e-4
 MARK = "@@trainer_steps "  # the start of a protocol line on a child's stdout
 
 
-def _model_and_data(device):
+def _model_and_data(device, shape: TrainerShape):
+    """(tokenizer, model, data, reward function): the model ``shape.model`` names (bench.trainer_models)."""
+    from bench import trainer_models
     from grpo_fast import toy
 
-    tokenizer = toy.build_tokenizer()
-    model = toy.build_model(tokenizer, seed=0).to(device)
+    tokenizer, model, reward = trainer_models.build(shape.model, device, seed=0)
     data = toy.make_splits(num_train=2000, seed=0)["train"].remove_columns("completion")  # prompt, answer
-    return tokenizer, model, data
+    return tokenizer, model, data, reward
 
 
 def _common(shape: TrainerShape, out: str, gc: bool) -> dict:
@@ -63,7 +65,7 @@ def _common(shape: TrainerShape, out: str, gc: bool) -> dict:
         "beta": 0.0,
         "logging_steps": 10**6,
         "seed": 0,
-        "bf16": False,  # fp32 on both sides
+        "bf16": shape.dtype == "bfloat16",  # bf16 autocast (fp32 weights) on both sides, or fp32 on both
         "gradient_checkpointing": gc,  # TRL's default is True, grpo_fast's False: set on both
     }
 
@@ -115,11 +117,10 @@ class _Gate:
 
 
 def _child_grpo_fast(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> None:
-    from grpo_fast.rewards import accuracy_reward
     from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
-    tokenizer, model, data = _model_and_data(device)
-    trainer = GRPOTrainer(model, [accuracy_reward], GRPOConfig(**_common(shape, out, gc)), data, tokenizer=tokenizer)
+    tokenizer, model, data, reward = _model_and_data(device, shape)
+    trainer = GRPOTrainer(model, [reward], GRPOConfig(**_common(shape, out, gc)), data, tokenizer=tokenizer)
     gate.say(ready=True)
     for _ in range(shape.warmup + shape.rounds):
         gate.begin()
@@ -131,8 +132,6 @@ def _child_grpo_fast(shape: TrainerShape, gc: bool, out: str, device, gate: _Gat
 def _child_trl(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from grpo_fast.rewards import accuracy_reward
 
     class Gated(TrainerCallback):  # TRL's loop cannot be entered one step at a time: its callbacks gate it
         def on_step_begin(self, *args, **kwargs):
@@ -152,10 +151,10 @@ def _child_trl(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> 
 
     gate.split = hasattr(GRPOTrainer, "_generate_and_score_completions")  # another TRL version: no split
     trainer_class = Timed if gate.split else GRPOTrainer
-    tokenizer, model, data = _model_and_data(device)
+    tokenizer, model, data, reward = _model_and_data(device, shape)
     args = GRPOConfig(**_common(shape, out, gc), use_cpu=device.type == "cpu", report_to="none", save_strategy="no",
                       dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-    trainer = trainer_class(model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=data,
+    trainer = trainer_class(model=model, reward_funcs=[reward], args=args, train_dataset=data,
                             processing_class=tokenizer, callbacks=[Gated()])  # fmt: skip
     gate.say(ready=True)
     trainer.train()
@@ -215,9 +214,10 @@ def trl_available() -> bool:
     return True
 
 
-def run_paired(shape: TrainerShape, gc: bool, trainers=TRAINERS) -> dict[str, dict]:
+def run_paired(shape: TrainerShape, gc: bool, trainers=TRAINERS, on_step=None) -> dict[str, dict]:
     """trainer -> {"times": timed steps (warm-up dropped), "sampling_times": the sampling part of each (None
-    when the trainer cannot tell), "peak_extra_bytes", ...}, steps alternating."""
+    when the trainer cannot tell), "peak_extra_bytes", ...}, steps alternating. ``on_step(trainer, i, report)``,
+    if given, is called after each step (i counts from 0, warm-up included): results as they come."""
     children = []
     try:
         for name in trainers:  # one at a time: a trainer's set-up never overlaps the other's
@@ -226,6 +226,8 @@ def run_paired(shape: TrainerShape, gc: bool, trainers=TRAINERS) -> dict[str, di
         for i in range(shape.warmup + shape.rounds):
             for c in children if i % 2 == 0 else children[::-1]:
                 c.step()
+                if on_step is not None:
+                    on_step(c.trainer, i, c.last)
                 if i == shape.warmup + shape.rounds - 1:
                     c.close()  # its exit (freeing, interpreter shutdown) must not overlap the other's step
         out = {}
