@@ -25,6 +25,7 @@ folder put on the sections' PYTHONPATH, without network and without touching the
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -204,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_section(args)
     if not args.dry_run and not _has_cuda():
         raise SystemExit("python -m bench.gpu_check needs a CUDA device; --dry-run runs it on CPU at tiny shapes")
+    if importlib.util.find_spec("grpo_fast.kernels") is None:  # the top-level kernels/ folder, mapped at install
+        raise SystemExit(
+            "grpo_fast is not installed, so grpo_fast.kernels (the kernels/ folder) does not import: "
+            "pip install -e . (without network: pip install --no-deps --no-build-isolation -e .)"
+        )
     run = Run(args, argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill from outside still stops the section
     with open(args.out / "gpu_check.log", "a") as log, tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:

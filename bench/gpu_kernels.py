@@ -110,6 +110,9 @@ def make_inputs(case: KernelCase, device, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------- correctness
+REFERENCE_CHUNK = 1 << 28  # float64 logits per reference chunk (2 GiB): whole sequences, at least one
+
+
 class NormError:
     """||a - b|| / ||b|| accumulated over pieces (float64 sums)."""
 
@@ -117,7 +120,7 @@ class NormError:
         self.diff = self.ref = 0.0
 
     def add(self, actual: torch.Tensor, expected: torch.Tensor) -> None:
-        self.diff += float((actual.double() - expected).square().sum())
+        self.diff += float((actual.detach().double() - expected).square().sum())
         self.ref += float(expected.square().sum())
 
     @property
@@ -153,7 +156,7 @@ def _op_names(case: KernelCase) -> list[str]:
 
 
 def _compare_by_chunks(case: KernelCase, x, stats, out, leaves) -> dict[str, float]:
-    per_chunk = max(1, (1 << 28) // (case.t * case.v))  # sequences per chunk: <= 2^28 float64 logits (2 GiB)
+    per_chunk = max(1, REFERENCE_CHUNK // (case.t * case.v))  # sequences per chunk
     err = {k: NormError() for k in ("logprobs", "entropy", "forward_logprobs", "loss")}
     grads = {name: NormError() for name in (("grad_hidden", "grad_weight") if case.h else ("grad_logits",))}
     w64 = x.weight.detach().double().requires_grad_() if case.h else None
@@ -171,7 +174,7 @@ def _compare_by_chunks(case: KernelCase, x, stats, out, leaves) -> dict[str, flo
         given = (x.adv[rows].double(), x.mask[rows].double(), x.old[rows].double(), x.ref[rows].double())
         loss, _, logp = reference.grpo_loss(logits64, x.ids[rows], *given, logits_methods.CONFIG)
         chunk_grads = torch.autograd.grad(loss * share, inputs)
-        loss64 += float(loss) * share
+        loss64 += float(loss.detach()) * share
         active = x.mask[rows].bool()
         err["logprobs"].add(out.logprobs[rows], logp.detach())
         err["forward_logprobs"].add(stats.logprobs[rows][active], logp.detach()[active])

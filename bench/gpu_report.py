@@ -105,11 +105,16 @@ def _kernels(s: dict) -> list[str]:
 
 
 def _trainer(s: dict) -> list[str]:
-    if "results" not in s:
+    if "shape" not in s:
         return []
     shape = s["shape"]
-    lines = ["", f"## Trainer step: {shape['model']}, {shape['prompts']} prompts x G {shape['group']}, <= "
-             f"{shape['max_new']} tokens, {shape['dtype']}", "",
+    title = (f"## Trainer step: {shape['model']}, {shape['prompts']} prompts x G {shape['group']}, <= "
+             f"{shape['max_new']} tokens, {shape['dtype']}")  # fmt: skip
+    if "results" not in s:  # stopped before the end: the steps it reported
+        steps = [f"{name} {'warm-up ' if st['warmup'] else ''}{st['step_s']:.3g} s" for name, done in
+                 s["steps"].items() for st in done]  # fmt: skip
+        return ["", title, "", f"Steps reported before the section ended: {', '.join(steps) or 'none'}"]
+    lines = ["", title, "",
              "| trainer | s / step | sampling s | update s | token slots / s (P G T / step) | peak extra MiB |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in s["results"].items():

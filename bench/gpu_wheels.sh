@@ -10,13 +10,19 @@
 # datasets 5.2.0 with transformers 5.x); the two peers at the versions current when this was written.
 # The check installs them with --no-deps into a temporary folder on its sections' PYTHONPATH, so their
 # other requirements (accelerate, pyarrow, pandas, xxhash, fsspec, huggingface-hub) must already be there.
-# Prints the folder's size: a device lease that carries the folder may limit it (e.g. 64 MiB).
+# Checks the folder's size against LIMIT_MIB (default 64: what a device lease may carry with a run).
 set -euo pipefail
 DIR=${1:?usage: bash bench/gpu_wheels.sh DIR}
+LIMIT_MIB=${LIMIT_MIB:-64}
 PACKAGES=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1)
 mkdir -p "$DIR"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$DIR" "${PACKAGES[@]}"
 ls -1 "$DIR"
-du -sh "$DIR"
+KIB=$(du -sk "$DIR" | cut -f1)
+echo "$DIR: $((KIB / 1024)).$(((KIB % 1024) * 10 / 1024)) MiB (limit $LIMIT_MIB MiB)"
+if [ "$KIB" -gt $((LIMIT_MIB * 1024)) ]; then
+    echo "$DIR is larger than $LIMIT_MIB MiB" >&2
+    exit 1
+fi

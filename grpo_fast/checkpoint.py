@@ -20,6 +20,8 @@ errno that names the checkpoint and the reason; the temporary directory is remov
 
 Loading never runs code from a file: weights are safetensors, the rest ``torch.load(weights_only=True)``
 (tensors and plain containers only); anything else in a ``.pt`` file is refused with a ValueError.
+Every file is checked for presence and read before anything is loaded into the model, and every error
+(missing, unreadable, truncated, another model's) names its file.
 """
 
 from __future__ import annotations
@@ -159,6 +161,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Every ``checkpoint-<step>`` directory in ``run_dir`` (complete or not), by step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def recover_interrupted_saves(run_dir: str | Path) -> None:
     """Undo what a process killed mid-save left in ``run_dir``; directories of live processes are kept.
 
@@ -193,21 +204,60 @@ def _alive(pid: int) -> bool:
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, scheduler=None, ref_model=None) -> dict:
     """Restore weights (and optimizer, scheduler, reference model when given; RNG states) from ``path``.
 
+    Every file is checked for presence and read before anything is loaded into the model, optimizer or
+    scheduler; every error names its file.
+
     Returns:
         the trainer_state dict saved with the checkpoint.
     """
     path = Path(path)
+    wanted = {"optimizer.pt": optimizer, "scheduler.pt": scheduler, "ref_model.safetensors": ref_model}
+    check_files(path, [_weights_file(model, path), "rng.pt", STATE_FILE, *(f for f, x in wanted.items() if x)])
+    state = _read_json(path / STATE_FILE)
+    names = [name for name in ("optimizer.pt", "scheduler.pt") if wanted[name] is not None] + ["rng.pt"]
+    saved = {name: load_tensors(path / name) for name in names}  # every file read before the model is touched
     load_weights(model, path)
-    if optimizer is not None:
-        optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
-    if scheduler is not None:
-        scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
+    for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        if target is not None:
+            try:
+                target.load_state_dict(saved[name])
+            except (ValueError, KeyError, RuntimeError) as error:
+                raise ValueError(f"{path / name}: does not match this run's {name[:-3]} ({error})") from error
     if ref_model is not None:
         file = path / "ref_model.safetensors"
         with _named_safetensors_errors(file):
             load_model(ref_model, str(file), device=str(next(ref_model.parameters()).device))
-    set_rng_state(load_tensors(path / "rng.pt"))
-    return json.loads((path / STATE_FILE).read_text())
+    set_rng_state(saved["rng.pt"])
+    return state
+
+
+def check_files(path: Path, names: list[str]) -> None:
+    """Each ``path/name`` exists and can be opened for reading: FileNotFoundError / OSError naming it."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is not a directory")
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: {path} is not a complete checkpoint")
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as error:
+            raise OSError(error.errno, f"{file}: cannot be read ({error.strerror})") from error
+
+
+def _weights_file(model: nn.Module, path: Path) -> str:
+    """The file ``load_weights`` reads: the adapters of a peft model when saved, else model.safetensors."""
+    if hasattr(model, "peft_config") and (path / "adapter_model.safetensors").exists():
+        return "adapter_model.safetensors"
+    return "model.safetensors"
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: not readable JSON ({error})") from error
 
 
 def load_tensors(file: str | Path):
@@ -219,6 +269,8 @@ def load_tensors(file: str | Path):
     """
     try:
         return torch.load(file, weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as error:
         detail = next((ln.strip() for ln in str(error).splitlines() if "WeightsUnpickler" in ln), "")
         raise ValueError(
@@ -226,6 +278,8 @@ def load_tensors(file: str | Path):
             f"could run code when unpickled (grpo_fast loads with torch.load(weights_only=True) and never writes "
             f"such objects; was the file replaced?). {detail}"
         ) from error
+    except (RuntimeError, OSError, EOFError) as error:  # a truncated zip archive, a torn write
+        raise ValueError(f"{file}: not a readable torch file (truncated or corrupt?): {error}") from error
 
 
 @contextlib.contextmanager
@@ -246,7 +300,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     file = Path(path) / "model.safetensors"
     with _named_safetensors_errors(file):
         state = load_file(str(file), device=str(next(model.parameters()).device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes differ: another model
+        raise ValueError(f"{file}: checkpoint does not match the model (another model?): {error}") from error
     every_name = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     unique_names = {n for n, _ in model.named_parameters()}
     untied_missing = [n for n in missing if n in unique_names or n not in every_name]

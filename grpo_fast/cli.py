@@ -2,6 +2,7 @@
 
     grpo-fast demo [--seed N] [--out RUN_DIR]                  SFT warm-start + GRPO on the toy task, offline
     grpo-fast train --config FILE [--key value ...] [--resume [CHECKPOINT]]
+    grpo-fast train|demo ... --report_to tensorboard           also log to trackers (wandb, trackio, mlflow, all)
     grpo-fast eval --model DIR [--dataset toy|FILE] [--k K]    greedy accuracy (and pass@k) on held-out prompts
     grpo-fast plot RUN_DIR                                     RUN_DIR/curves.png from RUN_DIR/metrics.jsonl
     grpo-fast pipeline [--config FILE] [--stages a,b]          the DeepSeek-R1 recipe, stage by stage (toy task)
@@ -9,6 +10,11 @@
 A training config file is YAML with GRPOConfig keys (see grpo_fast.trainer) plus the run keys of
 ``RunArguments`` below (model, data, rewards, device, LoRA); ``--key value`` overrides any of them.
 Unknown keys are errors.
+
+Errors are one line, ``grpo-fast <command>: error: <what>; <remedy>``, with exit code 2 for bad usage
+(a config value, a path, a dataset) and 1 for a run that failed (a reward function, a full disk, a NaN
+loss); ``--debug`` (anywhere on the line) shows the traceback instead. Ctrl-C during ``train`` saves a
+checkpoint of the last finished step and exits with 130.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from . import configio
+from . import configio, tracking
 
 RUN_ARGUMENTS_FILE = "run_arguments.yaml"
+REPORT_TO_HELP = "experiment trackers, comma-separated: tensorboard, wandb, trackio, mlflow; all; none (default)"
 DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -65,6 +72,15 @@ class RunArguments:
         None, "module names to adapt, comma-separated; None = peft's default for the architecture (never the LM head)"
     )
 
+    def __post_init__(self):
+        configio.check_field_types(self)
+        checks = (("lora_r", self.lora_r >= 1, "an int >= 1"), ("lora_alpha", self.lora_alpha > 0, "> 0"),
+                  ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+                  ("reward_funcs", len(self.reward_funcs) > 0, "at least one reward name"))  # fmt: skip
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
     def peft_config(self):
         """The ``peft.LoraConfig`` of these arguments, or None without ``use_peft``."""
         if not self.use_peft:
@@ -80,6 +96,8 @@ class RunArguments:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["train"]:  # config keys take dashes or underscores: --max-steps is --max_steps
         argv = [_underscored(a) for a in argv]
     parser = _parser(train_keys=argv[:1] == ["train"])
@@ -92,15 +110,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo, "pipeline": _pipeline}
         return commands[args.command](args, rest)
-    except (configio.ConfigError, FileNotFoundError) as error:
-        print(f"grpo-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"grpo-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        print(f"grpo-fast {args.command}: error: {error_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, USAGE_ERRORS) else 1
+
+
+# what a user fixes in the command, the config or the files it names (exit code 2); anything else is a run
+# that failed (exit code 1)
+USAGE_ERRORS = (configio.ConfigError, ValueError, TypeError, FileNotFoundError, IsADirectoryError)
+
+
+def error_line(error: BaseException) -> str:
+    """``<what>; <remedy>`` on one line: the project's messages carry their remedy; other errors get one."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, USAGE_ERRORS) or type(error).__module__.startswith("grpo_fast"):
+        return text
+    return f"{type(error).__name__}: {text}; rerun with --debug for the traceback"
 
 
 def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
     """The command's parser; ``train_keys`` adds every config key to ``train`` (for its --help and parsing;
     it imports the trainer, so only when the command is train)."""
     parser = argparse.ArgumentParser(prog="grpo-fast", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
@@ -128,10 +165,10 @@ def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
         help='"toy" (its held-out split) or a json/jsonl/csv/parquet file; default: the eval_dataset of the run '
         "the model was saved by (RUN_DIR/run_arguments.yaml), else toy",
     )
-    ev.add_argument("--k", type=int, default=1, help="also report pass@k from k samples per prompt")
+    ev.add_argument("--k", type=_positive_int, default=1, help="also report pass@k from k samples per prompt")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the pass@k samples")
-    ev.add_argument("--max-new-tokens", type=int, default=40)
-    ev.add_argument("--num-prompts", type=int, default=None, help="evaluate on the first N prompts only")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    ev.add_argument("--num-prompts", type=_positive_int, default=None, help="evaluate on the first N prompts only")
     ev.add_argument("--seed", type=int, default=0)
     plot = sub.add_parser("plot", help="write RUN_DIR/curves.png (reward, accuracy, kl, length)")
     plot.add_argument("run_dir")
@@ -140,6 +177,7 @@ def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="run directory (default runs/demo-seed<N>)")
     demo.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the demo's tuned value)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: one per idle core)")
+    demo.add_argument("--report_to", default="none", help=REPORT_TO_HELP)
     pipe = sub.add_parser(
         "pipeline",
         help="DeepSeek-R1 recipe on the toy task: R1-Zero, cold start, RL, rejection sampling, SFT, RL, "
@@ -150,6 +188,7 @@ def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
     pipe.add_argument("--output-dir", default=None, help="RUN_DIR (default: the config's, else runs/r1-toy-seed<N>)")
     pipe.add_argument("--seed", type=int, default=None)
     pipe.add_argument("--threads", type=int, default=None, help="torch threads (default: one per idle core)")
+    pipe.add_argument("--report_to", default=None, help=REPORT_TO_HELP.replace("none (default)", "none"))
     return parser
 
 
@@ -195,6 +234,16 @@ def _given_keys(args: argparse.Namespace) -> list[str]:
     return [f"--{k[len('key_') :]}={v}" for k, v in vars(args).items() if k.startswith("key_")]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
 def load_train_config(path: str | None, overrides: list[str]):
     """(GRPOConfig, RunArguments) from a YAML file and ``--key value`` overrides."""
     from .trainer import GRPOConfig
@@ -211,14 +260,13 @@ def load_train_config(path: str | None, overrides: list[str]):
 
 
 def _train(args, rest) -> int:
-    import torch
-
     from . import toy
     from .modeling import load_model
     from .trainer import GRPOTrainer
 
     config, run = load_train_config(args.config, [*_given_keys(args), *rest])
-    device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(run.device)
+    tracking.resolve_report_to(config.report_to)  # a tracker that is not installed: say so before loading anything
     if run.model_name_or_path == "toy":
         tokenizer = toy.build_tokenizer()
         model = toy.build_model(tokenizer, seed=config.seed).to(device)
@@ -228,23 +276,20 @@ def _train(args, rest) -> int:
         model = load_model(run.model_name_or_path, device)
         tokenizer = AutoTokenizer.from_pretrained(run.model_name_or_path)
     train, evaluation = _datasets(run.dataset, run.eval_dataset, config.seed)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    config.to_yaml(Path(config.output_dir) / "grpo_config.yaml")
-    _save_run_arguments(run, Path(config.output_dir) / RUN_ARGUMENTS_FILE)
+    files = {RUN_ARGUMENTS_FILE: _run_arguments_yaml(run)}
     trainer = GRPOTrainer(model, list(run.reward_funcs), config, train, eval_dataset=evaluation, tokenizer=tokenizer,
-                          peft_config=run.peft_config())  # fmt: skip
+                          peft_config=run.peft_config(), run_files=files)  # fmt: skip
     metrics = trainer.train(resume_from_checkpoint=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward", "step"))}, indent=2))
     return 0
 
 
-def _save_run_arguments(run: RunArguments, path: Path) -> None:
-    """The run keys next to grpo_config.yaml, data files as absolute paths (``grpo-fast eval`` reads
-    eval_dataset from here when given one of the run's checkpoints)."""
-    files = {
-        k: str(Path(v).resolve()) for k in ("dataset", "eval_dataset") if (v := getattr(run, k)) not in (None, "toy")
-    }
-    path.write_text(yaml.safe_dump(configio.to_dict(dataclasses.replace(run, **files)), sort_keys=False))
+def _run_arguments_yaml(run: RunArguments) -> str:
+    """The run keys as saved next to grpo_config.yaml, data files as absolute paths (``grpo-fast eval``
+    reads eval_dataset from there when given the run's directory or one of its checkpoints)."""
+    given = {k: getattr(run, k) for k in ("dataset", "eval_dataset")}
+    files = {k: str(Path(v).resolve()) for k, v in given.items() if v not in (None, "toy")}
+    return yaml.safe_dump(configio.to_dict(dataclasses.replace(run, **files)), sort_keys=False)
 
 
 def _run_eval_dataset(model_dir: str) -> str:
@@ -261,6 +306,23 @@ def _run_eval_dataset(model_dir: str) -> str:
                     f"the run of {model_dir} trained on {run.dataset} without an eval_dataset; pass --dataset FILE"
                 )
     return "toy"
+
+
+def _device(name: str | None) -> str:
+    """The run's device: ``name`` when this machine has it, None = cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise configio.ConfigError(f"device {name!r} is not a device name ({error}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise configio.ConfigError(f"device {name!r}: this machine has no CUDA device; set device: cpu or leave it out")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise configio.ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return name
 
 
 def _datasets(dataset: str, eval_dataset: str | None, seed: int):
@@ -323,14 +385,21 @@ def _demo(args, rest) -> int:
     from .demo import run_demo
 
     kwargs = {} if args.steps is None else {"steps": args.steps}
-    run_demo(seed=args.seed, out=args.out, threads=args.threads, **kwargs)
+    report_to = tuple(args.report_to.split(","))
+    try:
+        tracking.check_report_to(report_to)
+    except (TypeError, ValueError) as error:
+        raise configio.ConfigError(str(error)) from error
+    run_demo(seed=args.seed, out=args.out, threads=args.threads, report_to=report_to, **kwargs)
     return 0
 
 
 def _pipeline(args, rest) -> int:
     from .pipeline import load_config, run_pipeline
 
-    config = load_config(args.config, output_dir=args.output_dir, seed=args.seed, threads=args.threads)
+    config = load_config(args.config, output_dir=args.output_dir, seed=args.seed, threads=args.threads,
+                         report_to=args.report_to)  # fmt: skip
+    tracking.resolve_report_to(config.report_to)  # a tracker that is not installed: say so before any stage
     if args.stages:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
         names = [s.name for s in config.stages]

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -31,6 +34,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     ``yaml.safe_load``: plain scalars, lists and mappings only. A tag that would build a Python object
     (``!!python/object/apply:os.system``) is a ConfigError, never a call, as is malformed YAML.
     """
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; give the path of a YAML file")
     with open(path) as f:
         try:
             data = yaml.safe_load(f)
@@ -50,6 +56,7 @@ def unknown_key_error(key: str, known: typing.Iterable[str], source: str) -> Con
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
+@functools.cache
 def field_types(cls) -> dict[str, Any]:
     """Resolved type hints of a dataclass' init fields."""
     hints = typing.get_type_hints(cls)
@@ -67,6 +74,44 @@ def from_dict(cls, data: dict[str, Any], source: str = "config"):
         return cls(**values)
     except (TypeError, ValueError) as error:  # the dataclass' own validation
         raise ConfigError(f"{source}: {error}") from error
+
+
+def check_field_types(config) -> None:
+    """Every field of a config dataclass has its declared type (bool, int, float, str, ``X | None``,
+    ``tuple[X, ...]``; ints are accepted as floats, bools never as numbers) and every float is finite.
+
+    Raises:
+        TypeError naming the field, the expected type and what was given; ValueError for NaN or inf.
+    """
+    for name, annotation in field_types(type(config)).items():
+        _check_value(getattr(config, name), annotation, name)
+
+
+def _check_value(value: Any, annotation: Any, name: str) -> None:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        (inner,) = [a for a in args if a is not type(None)]
+        _check_value(value, inner, name)
+        return
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"{name} must be a tuple of {args[0].__name__}, got {type(value).__name__} {value!r}")
+        for item in value:
+            _check_value(item, args[0], name)
+        return
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = {
+        bool: isinstance(value, bool),
+        int: number and isinstance(value, numbers.Integral),
+        float: number,
+        str: isinstance(value, str),
+    }
+    if annotation in ok and not ok[annotation]:
+        raise TypeError(f"{name} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
+    if annotation is float and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def to_dict(config) -> dict[str, Any]:
@@ -96,8 +141,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             return value.lower() in _TRUE
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if annotation in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{name} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
         try:
             number = float(value) if annotation is float else int(str(value), 10)
         except ValueError:

@@ -30,6 +30,7 @@ from .evaluation import evaluate
 from .plotting import plot_run
 from .rewards import accuracy_reward, format_reward
 from .sft import SFTConfig, sft_train
+from .tracking import resolve_report_to
 from .trainer import GRPOConfig, GRPOTrainer, MetricsLog
 
 MAX_COMPLETION_LENGTH = 40  # the longest target is 35 tokens; room for a little rambling
@@ -48,6 +49,7 @@ def demo_configs(seed: int, out: str | Path, steps: int) -> tuple[SFTConfig, GRP
     )
     grpo = GRPOConfig(
         output_dir=str(out),
+        overwrite_output_dir=True,  # a demo run starts over in its directory
         seed=seed,
         max_steps=steps,
         learning_rate=1e-4,  # 3e-4 collapses the policy (TARGETS.md)
@@ -66,20 +68,25 @@ def demo_configs(seed: int, out: str | Path, steps: int) -> tuple[SFTConfig, GRP
         reward_weights=(1.0, 0.0),  # reward = accuracy; the format reward is only logged
         logging_steps=5,
         eval_steps=25,
+        log_completions_steps=25,  # with a tracker: a table of the step's 256 completions
     )
     return sft, grpo
 
 
-def run_demo(seed: int = 0, out: str | Path | None = None, steps: int = 200, threads: int | None = None) -> dict:
+def run_demo(
+    seed: int = 0, out: str | Path | None = None, steps: int = 200, threads: int | None = None, report_to="none"
+) -> dict:
     """Run the whole demo; returns (and writes to out/summary.json) the summary.
 
     threads: a fixed torch intra-op thread count; None = adapt it to the idle cores (``ThreadGovernor``).
+    report_to: experiment trackers of the GRPO part (GRPOConfig.report_to), e.g. "tensorboard".
     """
+    resolve_report_to(report_to)  # a tracker that is not installed: say so before the SFT warm-start
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
     governor = ThreadGovernor(previous_threads, fixed=threads)
     try:
-        summary = _run(seed, Path(out or f"runs/demo-seed{seed}"), steps, governor)
+        summary = _run(seed, Path(out or f"runs/demo-seed{seed}"), steps, governor, report_to)
     finally:
         torch.set_num_threads(previous_threads)
     summary.update(wall_seconds=time.perf_counter() - start, torch_threads=sorted(governor.used))
@@ -151,13 +158,14 @@ class _DemoTrainer(GRPOTrainer):
         return super().step()
 
 
-def _run(seed: int, out: Path, steps: int, governor: ThreadGovernor) -> dict:
+def _run(seed: int, out: Path, steps: int, governor: ThreadGovernor, report_to="none") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     tokenizer = toy.build_tokenizer()
     model = toy.build_model(tokenizer, seed=seed)
     splits = toy.make_splits(seed=seed)
     sft_config, grpo_config = demo_configs(seed, out, steps)
+    grpo_config = grpo_config.replace(report_to=report_to)
     print(
         f"[demo] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Qwen2, {len(splits['train'])} "
         f"train / {len(splits['test'])} held-out prompts"

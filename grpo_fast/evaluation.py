@@ -49,6 +49,8 @@ def evaluate(
     max_prompt_length: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
+    reward_timeout: float | None = None,
+    on_reward_error: str = "raise",
 ) -> dict[str, float]:
     """Greedy mean reward of each function on ``dataset`` (for ``accuracy_reward`` that is accuracy);
     with k > 1 also pass@k: the share of prompts where the best of k samples (at ``temperature``)
@@ -56,11 +58,13 @@ def evaluate(
 
     Args:
         dataset: rows with a ``prompt`` column plus whatever the reward functions read (e.g. ``answer``).
+        reward_timeout, on_reward_error: as in training (``score_completions``' timeout and on_error).
     Returns:
         {"rewards/<name>/mean": ..., "completions/mean_length": ..., ["rewards/<name>/pass@k": ...]}.
     """
     names = [reward_name(fn) for fn in reward_funcs]
-    budget = {"max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length, "batch_size": batch_size}
+    budget = {"max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length, "batch_size": batch_size,
+              "faults": (reward_timeout, on_reward_error)}  # fmt: skip
     greedy, lengths = _score(model, tokenizer, dataset, reward_funcs, 1, {"temperature": 0.0}, **budget)
     out = {f"rewards/{n}/mean": float(greedy[:, i].nanmean()) for i, n in enumerate(names)}
     out["completions/mean_length"] = float(lengths.float().mean())
@@ -83,9 +87,11 @@ def _score(
     max_new_tokens: int,
     max_prompt_length: int | None,
     batch_size: int,
+    faults: tuple[float | None, str] = (None, "raise"),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-function rewards (N * k, F), completion lengths (N * k,)): k completions per prompt, rows of
-    one prompt adjacent; ``sampling`` holds the ``generate`` keyword arguments."""
+    one prompt adjacent; ``sampling`` holds the ``generate`` keyword arguments, ``faults`` the reward
+    functions' (timeout, on_error)."""
     per_function, lengths = [], []
     rows_per_batch = max(1, batch_size // k)
     for start in range(0, len(dataset), rows_per_batch):
@@ -97,7 +103,7 @@ def _score(
         columns = {c: [v for v in values for _ in range(k)] for c, values in rows.items() if c != "prompt"}
         columns["completion_ids"] = completion_id_lists(rollout)
         completions = decode_completions(tokenizer, columns["completion_ids"], prompts)
-        scores, _ = score_completions(reward_funcs, [1.0] * len(reward_funcs), prompts, completions, columns)
+        scores, _ = score_completions(reward_funcs, [1.0] * len(reward_funcs), prompts, completions, columns, *faults)
         per_function.append(scores)
         lengths.append(rollout.lengths.cpu())
     return torch.cat(per_function), torch.cat(lengths)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     """
     from transformers import AutoModelForCausalLM
 
+    check_model_path(path)
     adapters = Path(path) / "adapter_config.json"
     base = _adapter_base(adapters) if adapters.exists() else path
     model = AutoModelForCausalLM.from_pretrained(
@@ -41,6 +43,26 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model.to(device)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as on the Hugging Face Hub
+
+
+def check_model_path(path: str) -> None:
+    """A local model directory must exist and hold config.json (or adapter_config.json); a path that does not
+    exist is passed on (to the Hub) only when it looks like a Hub id ``org/name`` whose ``org`` is no local
+    directory. FileNotFoundError naming the path otherwise (instead of a Hub lookup that times out)."""
+    local = Path(path)
+    if local.is_dir():
+        if not any((local / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise FileNotFoundError(f"model directory {path} has no config.json: not a saved model; give a "
+                                    "directory written by save_pretrained (e.g. RUN_DIR/checkpoint-N)")  # fmt: skip
+        return
+    if local.exists():
+        raise FileNotFoundError(f"model path {path} is a file, not a model directory; give the directory")
+    if not _HUB_ID.match(str(path)) or str(path).startswith((".", "~")) or local.parent.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist; check the path (a Hugging Face Hub id "
+                                "looks like org/name)")  # fmt: skip
 
 
 def _adapter_base(adapter_config: Path) -> str:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from . import configio, r1_toy
+from . import configio, r1_toy, tracking
 from .checkpoint import latest_checkpoint
 from .evaluation import completion_id_lists, decode_completions, prompt_text
 from .language import language_consistency_reward
@@ -175,7 +175,9 @@ class PipelineConfig:
     num_train: training prompts of the toy task (the pretraining corpus, RL and sampling prompts).
     evaluation: EvalConfig keys. stages: the stage list, in order; each entry is a default stage's name
     (see DEFAULT_STAGES), or a mapping with ``name`` and keys that override that default's, or a new
-    stage with ``name``, ``kind`` (sft / grpo / rejection_sampling) and its keys."""
+    stage with ``name``, ``kind`` (sft / grpo / rejection_sampling) and its keys. report_to: experiment
+    trackers (GRPOConfig.report_to); each stage is a run named after it in the group RUN_DIR's name, with
+    its files in RUN_DIR/<stage>/runs (MLflow's default store: RUN_DIR/mlflow.db)."""
 
     output_dir: str | None = None
     seed: int = 0
@@ -183,6 +185,10 @@ class PipelineConfig:
     num_train: int = 20_000
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     stages: tuple = DEFAULT_STAGES
+    report_to: tuple[str, ...] = ("none",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "report_to", tracking.check_report_to(self.report_to))
 
     @property
     def run_dir(self) -> Path:
@@ -191,20 +197,23 @@ class PipelineConfig:
 
 def load_config(path: str | None = None, **overrides) -> PipelineConfig:
     """PipelineConfig from a YAML file (None = the embedded default) with top-level ``overrides``
-    (output_dir, seed, threads). Unknown keys are ConfigErrors naming the closest known key."""
+    (output_dir, seed, threads, report_to). Unknown keys are ConfigErrors naming the closest known key."""
     data = configio.read_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     source = path or "the pipeline config"
-    known = ("output_dir", "seed", "threads", "num_train", "evaluation", "stages")
+    known = ("output_dir", "seed", "threads", "num_train", "evaluation", "stages", "report_to")
     for key in data:
         if key not in known:
             raise configio.unknown_key_error(key, known, source)
-    top = {k: data[k] for k in ("output_dir", "seed", "threads", "num_train") if k in data}
+    top = {k: data[k] for k in ("output_dir", "seed", "threads", "num_train", "report_to") if k in data}
     top = {k: configio.coerce(v, configio.field_types(PipelineConfig)[k], k) for k, v in top.items()}
     evaluation = configio.from_dict(EvalConfig, data.get("evaluation") or {}, f"{source}: evaluation")
     stages = tuple(_stage(entry, source) for entry in data.get("stages", [s.name for s in DEFAULT_STAGES]))
     _check_stages(stages, source)
-    return PipelineConfig(**top, evaluation=evaluation, stages=stages)
+    try:
+        return PipelineConfig(**top, evaluation=evaluation, stages=stages)
+    except (TypeError, ValueError) as error:
+        raise configio.ConfigError(f"{source}: {error}") from error
 
 
 def _stage(entry, source: str):
@@ -260,6 +269,7 @@ class Pipeline:
         self.test = self.splits["test"].select(range(min(config.evaluation.num_prompts, len(self.splits["test"]))))
         self.governor = ThreadGovernor(torch.get_num_threads(), fixed=config.threads)
         self.records: dict[str, dict] = {}
+        self.tracker = tracking.Trackers([])  # the running stage's trackers (none between stages)
 
     def run(self) -> list[dict]:
         start = time.perf_counter()
@@ -299,12 +309,18 @@ class Pipeline:
         start, cpu_start = time.perf_counter(), _cpu_seconds()
         runner = {"sft": self._sft, "grpo": self._grpo, "rejection_sampling": self._sample}[stage.kind]
         record = {"name": stage.name, "kind": stage.kind, "config": config, "settings": settings}
-        record.update(runner(stage, stage_dir))
-        record["seconds"], record["cpu_seconds"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
-        if "model_path" in record:
-            start, cpu_start = time.perf_counter(), _cpu_seconds()
-            record["metrics"], record["per_prompt"] = self.evaluate(self._load_model(record["model_path"]))
-            record["eval_seconds"], record["eval_cpu_seconds"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
+        run = tracking.RunInfo(stage.name, stage_dir / "runs", config, group=self.run_dir.resolve().name,
+                               store_dir=self.run_dir)  # fmt: skip
+        with tracking.start_tracking(self.config.report_to, run) as self.tracker:
+            record.update(runner(stage, stage_dir))
+            record["seconds"], record["cpu_seconds"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
+            if "model_path" in record:
+                start, cpu_start = time.perf_counter(), _cpu_seconds()
+                record["metrics"], record["per_prompt"] = self.evaluate(self._load_model(record["model_path"]))
+                record["eval_seconds"] = time.perf_counter() - start
+                record["eval_cpu_seconds"] = _cpu_seconds() - cpu_start
+            self.tracker.log_metrics(_stage_numbers(record), record["details"].get("steps") or 0)
+        self.tracker = tracking.Trackers([])
         tmp = done.with_name(STAGE_FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         tmp.replace(done)
@@ -379,7 +395,11 @@ class Pipeline:
             if trainer.state.step % stage.logging_steps == 0 or trainer.state.step == 1:
                 log.write(metrics)
                 print(format_metrics(metrics, stage.max_steps), flush=True)
+                self.tracker.log_metrics(metrics, trainer.state.step)
+                if self.tracker:
+                    self.tracker.log_completions(trainer.completions_table(), trainer.state.step)
         log.write(metrics)
+        self.tracker.log_metrics(metrics, trainer.state.step)
         path = trainer.save_checkpoint()
         reward_keys = [k for k in metrics if k.startswith("rewards/") and k.endswith("/mean")]
         return {
@@ -708,6 +728,15 @@ def _summary(record: dict) -> str:
         d = record.get("details", {})
         text = f"kept {d.get('kept')} of {d.get('sampled')} samples; rejected {d.get('rejected')}"
     return f"{text} ({record['seconds']:.0f} s)"
+
+
+def _stage_numbers(record: dict) -> dict[str, float]:
+    """What a stage's run logs when the stage ends: the held-out metrics (eval/...), its numeric details
+    (stage/...), training compute and wall seconds."""
+    out = {f"eval/{k}": v for k, v in (record.get("metrics") or {}).items()}
+    numbers = {**record.get("details", {}), "train_flops": record.get("train_flops"), "seconds": record["seconds"]}
+    out.update({f"stage/{k}": v for k, v in numbers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
 
 
 def run_pipeline(config: PipelineConfig) -> list[dict]:

@@ -5,7 +5,8 @@ Protocol (TRL's): ``fn(prompts, completions, **kwargs) -> list[float | None]`` w
 completion. ``prompts`` and ``completions`` are strings (or chat message lists for conversational
 data); kwargs carry every dataset column except ``prompt`` (e.g. ``answer``), plus ``completion_ids``
 (list of token-id lists, EOS included). ``None`` means "this function does not apply to this sample":
-it becomes NaN and is left out of the weighted sum, as in TRL.
+it becomes NaN and is left out of the weighted sum, as in TRL. A tuple, 1-d tensor or 1-d numpy array of
+Python or numpy numbers is taken as the list it holds.
 
 Faults: a function that raises, returns something other than one finite float or None per completion
 (NaN and inf included), or does not return within ``timeout`` seconds is a ``RewardFunctionError``
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 import threading
 import time
@@ -190,16 +192,19 @@ def call_reward_function(
         index = _first_failing_sample(fn, prompts, completions, columns, timeout)
         where = "" if index is None else f" on sample {index}: {_describe(prompts, completions, columns, index)}"
         raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}{where}") from error
-    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-        got = f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
+    values = _as_list(values)
+    if not isinstance(values, list) or len(values) != len(completions):
+        shape = f" of shape {tuple(values.shape)}" if hasattr(values, "shape") else ""
+        got = f"{len(values)}" if isinstance(values, list) else f"a {type(values).__name__}{shape}"
         raise RewardFunctionError(
-            f"reward function {name!r} must return a list of {len(completions)} values (one per completion), got {got}"
+            f"reward function {name!r} must return a list of {len(completions)} values (one per completion; a tuple, "
+            f"1-d tensor or 1-d numpy array also does), got {got}"
         )
     out = []
     for i, v in enumerate(values):
         if v is None:
             out.append(float("nan"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        elif isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
             out.append(float(v))
         else:
             raise RewardFunctionError(
@@ -214,6 +219,16 @@ def call_reward_function(
             stacklevel=2,
         )
     return out
+
+
+def _as_list(values):
+    """A reward function's result as a list: lists and tuples as they are, 1-d tensors and numpy arrays
+    (whatever has ``tolist`` and ``ndim == 1``) as their Python numbers; anything else unchanged."""
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    if getattr(values, "ndim", None) == 1 and hasattr(values, "tolist"):
+        return values.tolist()
+    return values
 
 
 def _check_timeout(timeout) -> float | None:

@@ -29,12 +29,15 @@ Beyond one process and full fine-tuning:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +45,13 @@ from pathlib import Path
 import torch
 import yaml
 from datasets import Dataset
+from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import configio, evaluation
+from . import configio, evaluation, tracking
 from .advantages import group_advantages
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LossConfig
 from .decoding import unsupported_reason
 from .distributed import PARALLELISM, Dist, gathered, init_from_env, is_fsdp, no_sync, wrap_policy
@@ -63,6 +67,9 @@ from .shared_prefix import SharedPrefixForward, SharedPrompts, groups_share_prom
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 SCALE_REWARDS = ("group", "batch", "none")
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+ON_NONFINITE = ("raise", "skip_step")
+LOCK_FILE = ".lock"  # in output_dir while a run writes there
+FIXED_ON_RESUME = ("seed", "num_generations", "num_iterations")  # the rest may change on resume (and is applied)
 
 
 def _f(default, help: str):
@@ -75,11 +82,22 @@ class GRPOConfig:
 
     # run
     output_dir: str = _f("runs/grpo", "directory for metrics.jsonl, checkpoints and plots")
+    overwrite_output_dir: bool = _f(
+        False, "a fresh run may replace the checkpoints of another run in output_dir (they are deleted)"
+    )
     seed: int = _f(42, "seed of every random draw (model init is the caller's)")
     max_steps: int = _f(500, "number of generation batches (each = num_iterations optimizer steps)")
     logging_steps: int = _f(1, "log metrics every this many steps")
     save_steps: int = _f(0, "save a checkpoint every this many steps; 0 = only at the end")
     eval_steps: int = _f(0, "greedy evaluation on eval_dataset every this many steps; 0 = only at the end")
+    report_to: tuple[str, ...] = _f(
+        ("none",), "experiment trackers: tensorboard, wandb, trackio, mlflow (a list), all (the installed ones), none"
+    )
+    run_name: str | None = _f(None, "the tracked run's name; None = output_dir's last component")
+    logging_dir: str | None = _f(None, "tracker files (TensorBoard events, wandb/, mlflow.db); None = output_dir/runs")
+    log_completions_steps: int = _f(
+        0, "log a table of the step's completions and rewards to the trackers every this many steps; 0 = never"
+    )
     # optimisation
     learning_rate: float = _f(1e-6, "AdamW peak learning rate. DeepSeekMath 1e-6, DeepSeek-R1 3e-6")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -123,6 +141,9 @@ class GRPOConfig:
     reward_weights: tuple[float, ...] | None = _f(None, "one weight per reward function; None = all 1")
     reward_timeout: float | None = _f(None, "seconds a reward function call may take (then an error); None = none")
     on_reward_error: str = _f("raise", "reward function raised/hung/returned NaN: raise (stop) or skip (log it)")
+    on_nonfinite: str = _f(
+        "raise", f"NaN/inf loss or gradient norm: the update is not applied; {ON_NONFINITE}: stop, or drop the update"
+    )
     sync_ref_model: bool = _f(False, "mix the policy into the reference model (TR-DPO, arXiv 2404.09656)")
     ref_model_sync_steps: int = _f(512, "optimizer steps between reference syncs. R1 replaces it every 400")
     ref_model_mixup_alpha: float = _f(0.6, "ref <- alpha * policy + (1 - alpha) * ref at a sync. TR-DPO 0.6")
@@ -148,10 +169,11 @@ class GRPOConfig:
     vllm_importance_sampling_cap: float | None = _f(None, "deprecated TRL name of vllm_importance_sampling_clip_max")
 
     def __post_init__(self):
+        object.__setattr__(self, "report_to", tracking.check_report_to(self.report_to))  # a name -> (name,)
+        configio.check_field_types(self)  # types, and no NaN/inf in any float field
         for name in (
             "max_steps",
             "logging_steps",
-            "num_generations",
             "max_completion_length",
             "num_iterations",
             "per_device_train_batch_size",
@@ -160,9 +182,22 @@ class GRPOConfig:
             "max_dynamic_sampling_tries",
         ):
             _check(getattr(self, name) >= 1, name, "an int >= 1", getattr(self, name))
-        for name in ("save_steps", "eval_steps", "warmup_steps", "top_k"):
+        for name in ("save_steps", "eval_steps", "warmup_steps", "top_k", "log_completions_steps"):
             _check(getattr(self, name) >= 0, name, "an int >= 0", getattr(self, name))
+        for name in ("max_prompt_length", "eval_max_new_tokens", "vllm_max_model_length"):
+            _check(getattr(self, name) is None or getattr(self, name) >= 1, name, "None or an int >= 1",
+                   getattr(self, name))  # fmt: skip
+        _check(self.num_generations >= 2, "num_generations",
+               "an int >= 2 (advantages compare the G completions of a prompt: with 1 every advantage is 0)",
+               self.num_generations)  # fmt: skip
+        _check(bool(self.output_dir), "output_dir", "a directory path", self.output_dir)
         _check(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
+        for name in ("weight_decay", "adam_epsilon"):
+            _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, name, "in [0, 1)", getattr(self, name))
+        _check(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)", self.max_grad_norm)
+        _check(self.on_nonfinite in ON_NONFINITE, "on_nonfinite", f"one of {ON_NONFINITE}", self.on_nonfinite)
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         _check(self.temperature > 0, "temperature", "> 0 (the loss divides by it)", self.temperature)
@@ -193,6 +228,8 @@ class GRPOConfig:
         mode, lo, hi = (self.vllm_importance_sampling_mode, self.vllm_importance_sampling_clip_min,
                         self.vllm_importance_sampling_clip_max)  # fmt: skip
         _check(mode in VLLM_IS_MODES, "vllm_importance_sampling_mode", f"one of {VLLM_IS_MODES}", mode)
+        _check(lo is None or lo >= 0, "vllm_importance_sampling_clip_min", "None or >= 0", lo)
+        _check(hi is None or hi > 0, "vllm_importance_sampling_clip_max", "None or > 0", hi)
         _check(lo is None or hi is None or lo < hi, "vllm_importance_sampling_clip_min",
                f"< vllm_importance_sampling_clip_max = {hi}", lo)  # fmt: skip
         _check(not mode.endswith("truncate") or lo is not None or hi is not None,
@@ -333,6 +370,8 @@ class GRPOTrainer:
             that already is a ``PeftModel`` is used as it is.
         engine: the sampler (see grpo_fast.engines); None = ``HFEngine`` on the policy, or a colocated
             ``VLLMEngine`` when ``config.use_vllm``.
+        run_files: {file name: text} written next to grpo_config.yaml, in output_dir once the run owns it
+            and in every checkpoint (the CLI's run_arguments.yaml).
 
     Under torchrun (WORLD_SIZE > 1) the trainer joins the process group (gloo on CPU, nccl on CUDA) and
     trains data-parallel (see grpo_fast.distributed); every rank must build the same initial model.
@@ -348,8 +387,10 @@ class GRPOTrainer:
         tokenizer=None,
         peft_config=None,
         engine=None,
+        run_files: dict[str, str] | None = None,
     ):
         self.config = config
+        self.run_files = dict(run_files or {})
         self.device = init_from_env(next(model.parameters()).device)  # joins torchrun's process group, if any
         self.dist = Dist(self.device)
         if next(model.parameters()).device != self.device:
@@ -368,6 +409,7 @@ class GRPOTrainer:
         self.train_dataset = _as_dataset(train_dataset, "train_dataset")
         self.eval_dataset = None if eval_dataset is None else _as_dataset(eval_dataset, "eval_dataset")
         self.backbone, self.head = backbone_and_head(self.base_model)
+        _check_tokenizer(self.tokenizer, self.base_model)
         self.use_bf16 = _use_bf16(config.bf16, self.device)
         # dapo/cispo divide by num_items_in_batch / world_size: see _optimizer_step for the other types
         self.loss_config = config.loss_config().replace(world_size=self.dist.world_size)
@@ -389,13 +431,19 @@ class GRPOTrainer:
         self.state = TrainerState(seed=config.seed)
         self.engine = engine if engine is not None else build_engine(config, model)
         self._correction_stats = None  # this step's rollout-correction statistics (for the metrics)
+        self.sampled: Batch | None = None  # what the last step sampled (completions_table)
         self.run_dir = Path(config.output_dir)
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the train rows)
+        # what a Ctrl-C may save: the state at the start of an unfinished step, whether its update was applied
+        self._step_start: TrainerState | None = None
+        self._weights_changed = False
+        self._saved_step: int | None = None
 
     # ----------------------------------------------------------------- the GRPO step
     def step(self) -> dict[str, float]:
         """One GRPO iteration: sample G completions per prompt, reward, advantages, update the policy."""
         cfg, start = self.config, time.perf_counter()
+        self._step_start, self._weights_changed = dataclasses.replace(self.state), False  # for a Ctrl-C
         self._seed_step()
         with gathered(self._policy):  # FSDP2: parameters stay gathered for sampling and forward-only passes
             self.engine.sync_weights(self.model)
@@ -412,8 +460,10 @@ class GRPOTrainer:
         if cfg.num_iterations == 1:
             old_logprobs = None  # on-policy: ratio exactly 1
         updates = [self._optimizer_step(batch, old_logprobs, ref_logprobs, ratio) for _ in range(cfg.num_iterations)]
+        self.sampled = sampled  # for the trackers' completions table
         self.state.step += 1
         self._sync_ref_model()
+        self._step_start = None  # the step is finished
         times = {"rollout": rollout_done - start, "update": time.perf_counter() - rollout_done}
         return self._step_metrics(sampled, batch, updates, times)
 
@@ -576,12 +626,31 @@ class GRPOTrainer:
         sums = self._reduce_update_metrics(loss_sum, weighted, weights)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+        sums["grad_norm"] = _clip_gradients(params, max_norm)
         sums["learning_rate"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        sums["updates_skipped"] = 0.0
+        if math.isfinite(sums["loss"]) and math.isfinite(sums["grad_norm"]):
+            self._weights_changed = True  # (a Ctrl-C from here on cannot save this step's start)
+            self.optimizer.step()
+        else:
+            sums["updates_skipped"] = self._nonfinite_update(sums["loss"], sums["grad_norm"])
+        self.scheduler.step()  # the LR schedule follows the step count, applied or not
         return sums
+
+    def _nonfinite_update(self, loss: float, grad_norm: float) -> float:
+        """A NaN/inf loss or gradient norm: the update is not applied. on_nonfinite="raise": NonFiniteError
+        naming the step and the first non-finite tensor; "skip_step": a warning, and 1.0 (one update skipped)."""
+        where = _first_nonfinite(self.model) or "none in the parameters or gradients (their norm overflowed)"
+        self.optimizer.zero_grad(set_to_none=True)
+        message = (f"step {self.state.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); the update "
+                   f"was not applied; first non-finite tensor: {where}")  # fmt: skip
+        if self.config.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"{message}; lower learning_rate, check the data and reward scale, or set on_nonfinite: skip_step "
+                "to drop such updates"
+            )
+        warnings.warn(f"{message} (on_nonfinite: skip_step)", RuntimeWarning, stacklevel=2)
+        return 1.0
 
     def _shared_prefix_forward(self, model: nn.Module) -> SharedPrefixForward | None:
         """The shared-prompt forward of ``model`` when config.share_prompt_prefix allows it and it applies."""
@@ -832,6 +901,8 @@ class GRPOTrainer:
                 self.reward_funcs,
                 max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length,
                 max_prompt_length=cfg.max_prompt_length,
+                reward_timeout=cfg.reward_timeout,
+                on_reward_error=cfg.on_reward_error,
             )
         return {f"eval/{k}": v for k, v in out.items()}
 
@@ -844,30 +915,71 @@ class GRPOTrainer:
         Args:
             resume_from_checkpoint: a checkpoint directory, or True for the latest one in output_dir
                 (starting fresh when there is none).
+
+        The run holds output_dir's lock file (``.lock``) until it returns: a second run into the same
+        directory is refused while this one writes there. A fresh run (no resume) into a directory that
+        holds another run's checkpoints is refused unless ``overwrite_output_dir`` (which deletes them).
+        Ctrl-C (one process) saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt.
         """
+        with self._own_output_dir(bool(resume_from_checkpoint)):
+            try:
+                metrics = self._train(resume_from_checkpoint)
+                self.dist.barrier()  # every rank returns once rank 0 has written the last metrics (after the save)
+                return metrics
+            except KeyboardInterrupt:
+                self._save_on_interrupt()
+                raise
+
+    def _train(self, resume_from_checkpoint) -> dict[str, float]:
         cfg, main = self.config, self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._resume(resume_from_checkpoint)
+        if main:  # only now: the config validated, the dir is ours
+            for name, text in {**self.run_files, "grpo_config.yaml": self.config.to_yaml()}.items():
+                (self.run_dir / name).write_text(text)
         log = MetricsLog(self.run_dir / "metrics.jsonl", keep_up_to_step=self.state.step) if main else None
         metrics: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
                    disable=not main)  # fmt: skip
-        with bar:
+        tracker = self.start_tracking() if main else tracking.Trackers([])  # rank 0 only; finished on exit
+        with bar, tracker:
             while self.state.step < cfg.max_steps:
                 metrics = self.step()
                 step, last = self.state.step, self.state.step == cfg.max_steps
+                if (cfg.save_steps and step % cfg.save_steps == 0) or last:
+                    self.save_checkpoint()  # before evaluating: a failing evaluation loses no training
                 evaluating = self.eval_dataset is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last)
                 if evaluating and (main or is_fsdp(self._policy)):
                     metrics.update(self.evaluate())
                 if log is not None and (step % cfg.logging_steps == 0 or evaluating or last):
                     log.write(metrics)
                     bar.write(format_metrics(metrics, cfg.max_steps))
+                    tracker.log_metrics(metrics, step)
+                if tracker and cfg.log_completions_steps and step % cfg.log_completions_steps == 0:
+                    tracker.log_completions(self.completions_table(), step)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", refresh=False)
                 bar.update(1)
-                if (cfg.save_steps and step % cfg.save_steps == 0) or last:
-                    self.save_checkpoint()
         return metrics
+
+    def start_tracking(self) -> tracking.Trackers:
+        """The runs of ``config.report_to`` (continuing the tracked run when resumed at step > 0)."""
+        cfg = self.config
+        run = tracking.RunInfo(cfg.run_name or self.run_dir.resolve().name, cfg.logging_dir or self.run_dir / "runs",
+                               cfg.to_dict(), resume_step=self.state.step)  # fmt: skip
+        return tracking.start_tracking(cfg.report_to, run)
+
+    def completions_table(self) -> list[dict]:
+        """The last step's completions on this rank: prompt, completion, reward and each function's reward."""
+        r, batch = self.sampled.rollout, self.sampled
+        prompts = self.tokenizer.batch_decode([ids[m] for ids, m in zip(r.prompt_ids, r.prompt_mask.bool())],
+                                              skip_special_tokens=True)  # fmt: skip
+        completions = self.tokenizer.batch_decode(completion_id_lists(r), skip_special_tokens=True)
+        names = [reward_name(fn) for fn in self.reward_funcs]
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            per_func = {n: float(batch.rewards_per_func[i, j]) for j, n in enumerate(names)}
+            rows.append({"step": self.state.step, "prompt": prompt, "completion": completion,
+                         "reward": float(batch.rewards[i]), **per_func})  # fmt: skip
+        return rows
 
     def save_checkpoint(self) -> Path:
         """Atomically write output_dir/checkpoint-<step> (model, tokenizer, optimizer, scheduler, RNG, state).
@@ -875,6 +987,12 @@ class GRPOTrainer:
         With peft the model part is the adapters (adapter_model.safetensors + adapter_config.json, loadable
         with ``PeftModel.from_pretrained`` on the base model). Rank 0 writes; every rank waits for it.
         """
+        bad = _first_nonfinite(self.model)
+        if self.dist.sum_int(int(bad is not None)):  # never a checkpoint with NaN/inf weights
+            raise NonFiniteError(
+                f"refusing to save checkpoint-{self.state.step}: {bad or 'a parameter on another rank'} holds NaN/inf; "
+                f"the checkpoints already in {self.run_dir} are untouched"
+            )
         model, optimizer = self.model, self.optimizer
         if is_fsdp(self._policy):  # gather full (unsharded) state dicts: collective, on every rank
             model, optimizer = _fsdp_full_state(self.model, self.optimizer)
@@ -888,11 +1006,65 @@ class GRPOTrainer:
                 self.scheduler,
                 dataclasses.asdict(self.state),
                 self.tokenizer,
-                {"grpo_config.yaml": self.config.to_yaml()},
+                {**self.run_files, "grpo_config.yaml": self.config.to_yaml()},
                 self.ref_model,
             )
         self.dist.barrier()
+        self._saved_step = self.state.step
         return path
+
+    @contextlib.contextmanager
+    def _own_output_dir(self, resuming: bool):
+        """Hold output_dir's lock file for the run (rank 0); a fresh run there must not mix with another run's
+        checkpoints: refused, or (overwrite_output_dir) those are deleted first."""
+        if not self.dist.is_main:
+            yield
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.run_dir / LOCK_FILE, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise OutputDirInUseError(
+                f"output_dir {self.run_dir} is in use by another run (it holds {self.run_dir / LOCK_FILE}); wait for "
+                "that run to end or choose another output_dir"
+            ) from None
+        try:
+            if not resuming and self.state.step == 0:  # (a trainer that already trained continues its own run)
+                self._claim_output_dir()
+            yield
+        finally:
+            lock.release()
+
+    def _claim_output_dir(self) -> None:
+        old = checkpoint_dirs(self.run_dir)
+        if old and not self.config.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {self.run_dir} holds another run's checkpoints ({', '.join(p.name for p in old)}); "
+                "resume it (--resume, or train(resume_from_checkpoint=True)), set overwrite_output_dir: true to "
+                "delete them and start over, or choose another output_dir"
+            )
+        for path in old:
+            shutil.rmtree(path)
+        if old:
+            print(f"overwrite_output_dir: deleted {len(old)} checkpoint(s) of an earlier run in {self.run_dir}",
+                  file=sys.stderr)  # fmt: skip
+
+    def _save_on_interrupt(self) -> None:
+        """After Ctrl-C: save the last finished step (unless saved already); one process only (with several,
+        a save is collective and the ranks may be anywhere)."""
+        if self.dist.enabled or not self.dist.is_main:
+            return
+        if self._step_start is not None:  # interrupted mid-step
+            if self._weights_changed:
+                last = "none" if self._saved_step is None else f"checkpoint-{self._saved_step}"
+                print(f"interrupted during the update of step {self._step_start.step + 1}: the weights are between "
+                      f"two steps, so no checkpoint was saved (the last one: {last})", file=sys.stderr)  # fmt: skip
+                return
+            self.state, self._step_start = self._step_start, None  # (sampling had moved the data cursor)
+        if self.state.step > 0 and self.state.step != self._saved_step:
+            path = self.save_checkpoint()
+            print(f"interrupted: saved {path} (step {self.state.step}); continue with --resume", file=sys.stderr)
 
     def _resume(self, resume_from_checkpoint) -> None:
         if not resume_from_checkpoint:
@@ -902,13 +1074,52 @@ class GRPOTrainer:
             if self.dist.is_main:
                 print(f"no checkpoint in {self.run_dir}; starting from step 0", file=sys.stderr)
             return
+        state = _read_trainer_state(path)  # checked before anything is loaded
+        if state.step > self.config.max_steps:
+            raise ValueError(f"cannot resume {path}: it is at step {state.step}, past max_steps = "
+                             f"{self.config.max_steps}; set max_steps >= {state.step}")  # fmt: skip
+        changed = self._compare_saved_config(path)
         if is_fsdp(self._policy):
-            state = _fsdp_load(path, self.model, self.optimizer, self.scheduler, self.ref_model)
+            _fsdp_load(path, self.model, self.optimizer, self.scheduler, self.ref_model)
         else:
-            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ref_model)
-        self.state = TrainerState(**state)
+            load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ref_model)
+        self._apply_optimizer_settings()
+        self.state, self._saved_step = state, state.step
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.state.step}", file=sys.stderr)
+            if changed:
+                print(f"settings changed since {path.name}, applied: {changed}", file=sys.stderr)
+
+    def _compare_saved_config(self, path: Path) -> str:
+        """The settings that differ from the checkpoint's grpo_config.yaml, as "name old -> new, ...".
+
+        Raises:
+            ValueError naming the settings fixed for a whole run (``FIXED_ON_RESUME``) that differ.
+        """
+        file = path / "grpo_config.yaml"
+        if not file.is_file():
+            return ""  # saved without a config (save_checkpoint called directly): nothing to compare
+        saved, now = configio.read_yaml(file), self.config.to_dict()
+        diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k] and k != "output_dir"}
+        fixed = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in diff.items() if k in FIXED_ON_RESUME]
+        if fixed:
+            raise ValueError(
+                f"cannot resume {path} with a different {', '.join(fixed)}: fixed for the whole run; keep the "
+                "checkpoint's value, or start a new run in another output_dir"
+            )
+        return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+
+    def _apply_optimizer_settings(self) -> None:
+        """The config's AdamW settings and LR schedule (a checkpoint restores the saved ones), at the restored
+        optimizer step: a resume with a new learning_rate or max_steps uses them."""
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon,
+                         betas=(cfg.adam_beta1, cfg.adam_beta2))  # fmt: skip
+        # LambdaLR(last_epoch=n - 1) takes one step to n: the restored optimizer step, with the new schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg), last_epoch=self.scheduler.last_epoch - 1
+        )
 
 
 class MetricsLog:
@@ -918,12 +1129,48 @@ class MetricsLog:
         self.path = path
         if path.exists():
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_up_to_step]
+            records = [_json_line(ln, path, i + 1, last=i == len(lines) - 1) for i, ln in enumerate(lines)]
+            kept = [ln for ln, r in zip(lines, records) if r is not None and r.get("step", 0) <= keep_up_to_step]
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, metrics: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+
+
+def _json_line(line: str, path: Path, number: int, last: bool) -> dict | None:
+    """One metrics.jsonl line; a torn last line (a run killed mid-write) is None, with a message."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        if last:
+            print(f"{path}: dropped its torn last line {number} (a run stopped mid-write): {line[:80]!r}",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        raise ValueError(f"{path}, line {number}: not a JSON object ({error}); fix or delete that line") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}, line {number}: not a JSON object: {line[:80]!r}; fix or delete that line")
+    return record
+
+
+def _read_trainer_state(path: Path) -> TrainerState:
+    """The checkpoint's trainer_state.json as a TrainerState; ValueError naming the file if it is not one."""
+    from .checkpoint import STATE_FILE
+
+    file = Path(path) / STATE_FILE
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file} is missing: {path} is not a complete checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: not readable JSON ({error})") from error
+    names = [f.name for f in dataclasses.fields(TrainerState)]
+    if not isinstance(data, dict) or sorted(data) != sorted(names):
+        raise ValueError(f"{file}: expected an object with the keys {names}, got {data!r:.200}")
+    bad = {k: v for k, v in data.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+    if bad:
+        raise ValueError(f"{file}: {', '.join(bad)} must be ints >= 0, got {bad}")
+    return TrainerState(**data)
 
 
 def format_metrics(metrics: dict, max_steps: int) -> str:
@@ -1050,10 +1297,14 @@ def _fsdp_load(path: Path, model, optimizer, scheduler, ref_model) -> dict:
         set_optimizer_state_dict,
     )
 
-    from .checkpoint import STATE_FILE, set_rng_state
+    from .checkpoint import STATE_FILE, check_files, set_rng_state
 
+    adapters = hasattr(model, "peft_config") and (path / "adapter_model.safetensors").exists()
+    weights = "adapter_model.safetensors" if adapters else "model.safetensors"
+    reference = ["ref_model.safetensors"] if ref_model is not None else []
+    check_files(path, [weights, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE, *reference])
     options = StateDictOptions(full_state_dict=True, strict=False)
-    if hasattr(model, "peft_config") and (path / "adapter_model.safetensors").exists():
+    if adapters:
         # the file's names lack the adapter name that the model's parameter names carry
         saved = load_file(str(path / "adapter_model.safetensors"))
         adapter = f".{model.active_adapter}"
@@ -1072,6 +1323,41 @@ def _fsdp_load(path: Path, model, optimizer, scheduler, ref_model) -> dict:
         load_model(ref_model, str(path / "ref_model.safetensors"), device=str(next(ref_model.parameters()).device))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / STATE_FILE).read_text())
+
+
+class OutputDirInUseError(RuntimeError):
+    """output_dir's lock is held by another run."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a NaN/inf loss or gradient norm, or weights that are not finite."""
+
+
+def _clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients to ``max_norm`` (global L2 norm) and return their norm before clipping; NaN, with
+    the gradients left as they were (to find the first non-finite one), when that norm is not finite."""
+    try:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=True)
+    except RuntimeError:  # error_if_nonfinite: raised before any gradient is scaled
+        return math.nan
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+
+
+def _first_nonfinite(model: nn.Module) -> str | None:
+    """The first parameter holding NaN/inf, else the first such gradient, by name; None if there is none."""
+    named = list(model.named_parameters())
+    for name, p in named:
+        if not _finite(p):
+            return f"parameter {name} (the weights themselves)"
+    for name, p in named:
+        if p.grad is not None and not _finite(p.grad):
+            return f"the gradient of {name}"
+    return None
+
+
+def _finite(x: torch.Tensor) -> bool:
+    x = x.to_local() if hasattr(x, "to_local") else x  # FSDP2: this rank's shard
+    return bool(torch.isfinite(x.detach()).all())
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
@@ -1131,12 +1417,50 @@ def _reward_weights(weights, n: int) -> list[float]:
 
 
 def _as_dataset(data, name: str) -> Dataset:
+    if isinstance(data, (list, tuple)):  # checked before Arrow refuses mixed types in its own words
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise TypeError(f"{name} row {i} must be a dict of columns, got {type(row).__name__}")
+            if "prompt" in row:
+                _check_prompt(row["prompt"], f"{name} row {i}")
     dataset = Dataset.from_list(list(data)) if isinstance(data, (list, tuple)) else data
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} needs a 'prompt' column, got columns {dataset.column_names}")
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty")
+    for i, prompt in enumerate(dataset["prompt"]):
+        _check_prompt(prompt, f"{name} row {i}")
     return dataset
+
+
+def _check_prompt(prompt, where: str) -> None:
+    """A prompt is a non-blank string or a non-empty list of chat messages (dicts with a "content")."""
+    expected = "a non-empty string or a non-empty list of chat messages ({'role': ..., 'content': ...})"
+    if not isinstance(prompt, (str, list, tuple)):
+        raise TypeError(f"{where}: the prompt must be {expected}, got {type(prompt).__name__} {prompt!r:.100}")
+    chat = not isinstance(prompt, str) and all(isinstance(m, dict) and "content" in m for m in prompt)
+    if not (prompt.strip() if isinstance(prompt, str) else prompt and chat):
+        raise ValueError(f"{where}: the prompt must be {expected}, got {prompt!r:.100}")
+
+
+def _check_tokenizer(tokenizer, model: nn.Module) -> None:
+    """The tokenizer has an EOS token, a pad token (else EOS, as TRL), and no more tokens than the model's
+    embedding and LM-head rows (a token id past them would index out of range)."""
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError("the tokenizer has no eos_token, so a completion could never end; set tokenizer.eos_token "
+                         "(e.g. the model's end-of-turn token)")  # fmt: skip
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        warnings.warn(f"the tokenizer has no pad token: padding with its EOS token {tokenizer.eos_token!r} (as TRL "
+                      "does)", UserWarning, stacklevel=3)  # fmt: skip
+    rows = {"input embedding": model.get_input_embeddings().weight.shape[0],
+            "LM head": model.get_output_embeddings().weight.shape[0]}  # fmt: skip
+    for what, n in rows.items():
+        if len(tokenizer) > n:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's {what} has {n} rows; use the model's "
+                "own tokenizer, or model.resize_token_embeddings(len(tokenizer)) before training"
+            )
 
 
 def _load_tokenizer(model):

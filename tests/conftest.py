@@ -2,12 +2,23 @@
 switched on before triton is first imported (torch does not import triton eagerly)."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# trackio fixes its local store from TRACKIO_DIR when first imported, and importing trl imports it (test
+# modules are imported at collection): point it at a throwaway directory now, never at the user's store.
+TRACKIO_DIR = os.path.join(tempfile.gettempdir(), f"grpo-fast-tests-trackio-{os.getpid()}")
+os.environ["TRACKIO_DIR"] = TRACKIO_DIR
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(TRACKIO_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

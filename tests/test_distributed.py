@@ -170,7 +170,7 @@ def two_processes(tmp_path_factory) -> Path:
     sets, so ``grpo-fast train`` initialises the gloo group exactly as under torchrun (the README's
     ``torchrun --nproc_per_node 2 -m grpo_fast train`` commands were run by hand)."""
     out = tmp_path_factory.mktemp("two_processes")
-    _cli_config(out)
+    _cli_config(out, report_to="tensorboard", log_completions_steps=2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -194,6 +194,17 @@ def test_cli_train_in_torchrun_environment_writes_once(two_processes):
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (run / "checkpoint-2" / "model.safetensors").exists()
     assert not list(run.glob(".checkpoint-*"))  # no leftover temporary directories
+
+
+def test_cli_train_in_torchrun_environment_tracks_on_rank_0_only(two_processes):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_file,) = (two_processes / "cli" / "runs").glob("events.out.tfevents.*")  # one writer: rank 0's
+    events = EventAccumulator(str(events_file), size_guidance={"tensors": 0}).Reload()
+    assert [e.step for e in events.Scalars("reward")] == [1, 2]
+    (table,) = events.Tensors("completions/text_summary")
+    rows = table.tensor_proto.string_val[0].decode().splitlines()[2:]
+    assert table.step == 2 and len(rows) == 8  # rank 0 sampled 8 of the 16 completions
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import gpu_check
+from bench import gpu_check, gpu_kernels, gpu_report
+from bench.shapes import LLAMA3_V, QWEN25_V
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("environment", "tests", "kernels", "trainer")
@@ -97,3 +99,56 @@ def test_bad_arguments_are_rejected(tmp_path, capsys, args, match):
 def test_without_a_gpu_the_full_run_says_to_use_dry_run(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA device; --dry-run"):
         gpu_check.main(["--out", str(tmp_path)])
+
+
+def test_an_uninstalled_checkout_is_told_to_install(tmp_path, monkeypatch):
+    """grpo_fast.kernels is the top-level kernels/ folder mapped at install: a bare clone cannot import it."""
+    find_spec = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(
+        gpu_check.importlib.util, "find_spec", lambda name: None if name == "grpo_fast.kernels" else find_spec(name)
+    )
+    with pytest.raises(SystemExit, match="grpo_fast is not installed.*pip install -e ."):
+        gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------- the parts, in this process
+@pytest.mark.parametrize("h", [0, 16], ids=["from_logits", "from_hidden"])
+def test_op_check_reference_by_sequence_chunks_equals_the_whole(monkeypatch, h):
+    """On a GPU the float64 reference runs one sequence at a time (the dry run's tiny batch fits one chunk):
+    the chunks' losses and gradients, weighted by their share of the sequences, must be the whole batch's."""
+    monkeypatch.setattr(gpu_kernels, "REFERENCE_CHUNK", 1)  # one sequence per chunk
+    result = gpu_kernels.check_ops(gpu_kernels.KernelCase(3, 8, 100, h, "float32"), torch.device("cpu"))
+    assert result["ok"], result
+    assert max(result["errors"].values()) < 1e-5
+
+
+def test_the_gpu_plans_cover_the_shapes_and_dtypes_asked_for():
+    full, quick = gpu_kernels.timing_plan(False, False), gpu_kernels.timing_plan(False, True)
+    heads = {(c.h, c.v) for c in full if c.h}
+    assert heads == {(896, QWEN25_V), (1536, QWEN25_V), (3584, QWEN25_V), (2048, LLAMA3_V), (4096, LLAMA3_V)}
+    assert {c.v for c in full if not c.h} == {QWEN25_V, LLAMA3_V}
+    assert {c.n for c in full} == {4096, 16384} and {c.dtype for c in full} == {"bfloat16", "float32"}
+    assert len(set(full)) == len(full) and full[: len(quick)] == quick  # --quick: the first rows of the full plan
+    assert {(c.family, c.dtype) for c in quick} == {
+        (f, d) for f in ("logits", "linear") for d in ("bfloat16", "float32")
+    }
+    assert len(quick) == 4  # one shape per op and dtype
+    checks = gpu_kernels.check_plan(False, False)
+    assert any(c.n * c.v > 2**31 for c in checks if not c.h)  # 64-bit offsets exercised on the device
+
+
+def test_kernel_rows_get_their_fraction_of_the_matching_ceiling():
+    data = {
+        "environment": {"ceilings": {"copy": {"median": 4000.0}, "gemm_bfloat16": {"median": 800.0}}},
+        "kernels": {"rows": [
+            {"h": 0, "dtype": "bfloat16", "gbps": 3000.0},
+            {"h": 896, "dtype": "bfloat16", "tflops": 400.0},
+            {"h": 896, "dtype": "float32", "tflops": 40.0},  # no fp32 ceiling measured: no fraction
+            {"h": 0, "dtype": "float32", "status": "failed"},
+        ]},
+    }  # fmt: skip
+    gpu_report.add_fractions(data)
+    rows = data["kernels"]["rows"]
+    assert (rows[0]["ceiling"], rows[0]["pct_of_ceiling"]) == ("copy", 75.0)
+    assert (rows[1]["ceiling"], rows[1]["pct_of_ceiling"]) == ("gemm_bfloat16", 50.0)
+    assert "pct_of_ceiling" not in rows[2] and "pct_of_ceiling" not in rows[3]
