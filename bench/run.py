@@ -3,6 +3,7 @@
     python -m bench.run --cpu      # the published CPU tables: ~12 min on a 2-core EPYC
     python -m bench.run --gpu      # on a CUDA machine: real-model shapes, Triton backends and GPU peers
     python -m bench.run --smoke    # tiny shapes: the machinery and every method's correctness check, ~2 min
+    python -m bench.run --cpu --suites trainer --trainer-scaling   # + both trainers across model sizes
 
 Each (method, shape) runs as its own ``python -m pytest bench/... --benchmark-only`` process, because
 the CPU's peak-memory counter (the RSS high-water mark) never goes down within a process; inside it
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="merged JSON (default bench/results/<profile>.json)")
     p.add_argument("--timeout", type=float, default=1500.0, help="seconds per (method, shape) process")
     p.add_argument("--no-report", action="store_true", help="only write the JSON")
+    p.add_argument("--trainer-scaling", action="store_true",
+                   help="then both trainers across model sizes: python -m bench.trainer_scaling")  # fmt: skip
     args = p.parse_args(argv)
     profile = args.profile or ("gpu" if _has_cuda() else "cpu")
     suites = [s for s in SUITES if s in args.suites.split(",")]
@@ -194,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out} ({run['wall_s']:.0f} s, load {run['loadavg_start']} -> {run['loadavg_end']})")
     if not args.no_report:
         report.main([])
+    scaling = 0
+    if args.trainer_scaling:
+        scaling = subprocess.run([sys.executable, "-m", "bench.trainer_scaling"], cwd=ROOT).returncode
     print(f"total wall time {time.time() - start:.0f} s")
-    return 1 if run["failed"] else 0
+    return 1 if run["failed"] or scaling else 0
 
 
 def _load() -> list[float]:
