@@ -56,6 +56,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .launch import launch
+
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MERGE_BLOCK = 256  # rows per program of the split-merge kernel (elementwise over N; 2 rows per thread)
 _TARGET_PROGRAMS = 512  # forward programs to aim for: ~4 per SM on H100 (132 SMs) and A100 (108)
@@ -625,8 +627,9 @@ def _empty(shape, device) -> torch.Tensor:
 
 
 def _active_order(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order (N,) int32: active rows first, each group in row order; count () int32), on the device."""
-    order = torch.argsort(active.logical_not(), stable=True).to(torch.int32)
+    """(order (N,) int32: active rows first, each group in row order; count () int32), on the device.
+    The flags are sorted as int8: CUDA sorts no bool tensor before torch 2.6."""
+    order = torch.argsort(active.logical_not().to(torch.int8), stable=True).to(torch.int32)
     return order, active.sum(dtype=torch.int32)
 
 
@@ -676,7 +679,10 @@ def linear_stats_forward(hidden, weight, bias, ids, active, inv_tau: float, with
     splits, per_split = vocab_splits(row_blocks, v, cfg.block_v)
     parts = _empty((splits, 4, n), hidden.device)  # (m, sum 2^x, sum 2^x x, target logit) per split
     args = _forward_args(hidden, weight, _bias_or_zeros(bias, weight), ids, order, count, parts, per_split, inv_tau)
-    _fwd_kernel[(row_blocks * splits,)](
+    launch(
+        _fwd_kernel,
+        (row_blocks * splits,),
+        hidden.device,
         *args,
         BLOCK_N=cfg.block_n,
         BLOCK_V=cfg.block_v,
@@ -685,8 +691,14 @@ def linear_stats_forward(hidden, weight, bias, ids, active, inv_tau: float, with
         num_warps=cfg.num_warps,
     )
     merge = _merge_args(parts, ids, order, count, logp, entropy, lse, v, inv_tau)
-    _merge_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
-        *merge, BLOCK_N=MERGE_BLOCK, WITH_ENTROPY=bool(with_entropy), num_warps=MERGE_BLOCK // 64
+    launch(
+        _merge_kernel,
+        (triton.cdiv(n, MERGE_BLOCK),),
+        hidden.device,
+        *merge,
+        BLOCK_N=MERGE_BLOCK,
+        WITH_ENTROPY=bool(with_entropy),
+        num_warps=MERGE_BLOCK // 64,
     )
     return logp, entropy, lse
 
@@ -769,13 +781,11 @@ def linear_stats_backward(
     if deterministic:
         grad_h, grad_w, grad_b = _empty((n, h), device), _empty((v, h), device), _empty((v,), device)
         cfg = block_config(hidden.dtype, "backward_hidden")
-        _bwd_hidden_kernel[(triton.cdiv(n, cfg.block_n),)](
-            *_hidden_args(hidden, weight, full_bias, rows, grad_h, inv_tau), **_meta(cfg), **flags
-        )
+        args = _hidden_args(hidden, weight, full_bias, rows, grad_h, inv_tau)
+        launch(_bwd_hidden_kernel, (triton.cdiv(n, cfg.block_n),), device, *args, **_meta(cfg), **flags)
         cfg = block_config(hidden.dtype, "backward_weight")
-        _bwd_weight_kernel[(triton.cdiv(v, cfg.block_v),)](
-            *_weight_args(hidden, weight, full_bias, rows, grad_w, grad_b, inv_tau), **_meta(cfg), **flags
-        )
+        args = _weight_args(hidden, weight, full_bias, rows, grad_w, grad_b, inv_tau)
+        launch(_bwd_weight_kernel, (triton.cdiv(v, cfg.block_v),), device, *args, **_meta(cfg), **flags)
     else:
         grad_h, grad_w, grad_b = (torch.zeros(s, dtype=torch.float32, device=device) for s in ((n, h), (v, h), (v,)))
         cfg = block_config(hidden.dtype, "backward_fused")
@@ -783,7 +793,7 @@ def linear_stats_backward(
         if grid[0] > _MAX_INDEX:
             raise ValueError(f"N x V = {n} x {v} needs {grid[0]} programs (> 2**31 - 1); use deterministic=True")
         args = _fused_args(hidden, weight, full_bias, rows, grad_h, grad_w, grad_b, inv_tau)
-        _bwd_fused_kernel[grid](*args, **_meta(cfg), GROUP_N=GROUP_N, **flags)
+        launch(_bwd_fused_kernel, grid, device, *args, **_meta(cfg), GROUP_N=GROUP_N, **flags)
     return grad_h, grad_w, None if bias is None else grad_b
 
 

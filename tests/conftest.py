@@ -9,6 +9,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Where the Triton tests put their tensors: the GPU with real kernels where CUDA is present, else the CPU
+# under the interpreter (set above). Tests marked ``triton`` build their inputs on this device.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the Triton tests (see TRITON_DEVICE)."""
+    return TRITON_DEVICE
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -1,0 +1,90 @@
+"""What the CUDA path needs that a CPU run would not show by itself, each checked on CPU.
+
+- every Triton launch goes through ``kernels/launch.py``, which makes the tensors' GPU current;
+- no bool tensor reaches ``torch.argsort`` (CUDA sorts none before torch 2.6).
+Tests marked ``triton`` run the kernels on the ``device`` fixture (tests/conftest.py): the GPU with
+real kernels where CUDA is present, else the CPU under the interpreter.
+Run: pytest tests/test_cuda_path.py
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_fast.kernels import launch as launch_module
+from grpo_fast.kernels import linear_token_stats as lts
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+
+
+def _direct_launches(path: Path) -> list[str]:
+    """``kernel[grid](...)`` calls (and ``kernel.run(...)``) in a file: launches that bypass the guard."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        direct = isinstance(node.func, ast.Subscript)
+        run = isinstance(node.func, ast.Attribute) and node.func.attr in ("run", "warmup")
+        if direct or run:
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node.func)}")
+    return found
+
+
+def test_every_kernel_launch_goes_through_the_device_guard():
+    files = sorted(p for p in KERNELS.glob("*.py") if p.name != "launch.py")
+    assert len(files) >= 2, files  # token_stats.py and linear_token_stats.py at least
+    bypass = [hit for p in files for hit in _direct_launches(p)]
+    assert not bypass, f"launch these through kernels/launch.py's launch(): {bypass}"
+    calls = [n for p in files for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Call)]
+    guarded = [n for n in calls if isinstance(n.func, ast.Name) and n.func.id == "launch"]
+    assert len(guarded) == 7, "two token_stats launches, five linear ones (forward, merge, three backward)"
+
+
+def test_launch_makes_the_tensors_gpu_current(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):  # stands in for torch.cuda.device, which needs a GPU
+        entered.append(torch.device(device))
+        yield
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                calls.append((grid, args, meta, list(entered)))
+
+            return run
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    launch_module.launch(Kernel(), (3,), torch.device("cuda", 1), "x", 2, BLOCK=4)
+    assert calls == [((3,), ("x", 2), {"BLOCK": 4}, [torch.device("cuda", 1)])]
+    entered.clear()
+    launch_module.launch(Kernel(), (1,), torch.device("cpu"), "y")  # the interpreter: no guard
+    assert calls[-1] == ((1,), ("y",), {}, [])
+
+
+@pytest.mark.triton
+def test_no_bool_tensor_is_argsorted(monkeypatch, device, one_thread):
+    real = torch.argsort
+
+    def argsort(x, *args, **kwargs):  # torch < 2.6 on CUDA: "Sort currently does not support bool dtype"
+        if x.dtype == torch.bool:
+            raise RuntimeError("argsort of a bool tensor")
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "argsort", argsort)
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(9, 16, generator=g), torch.randn(40, 16, generator=g)
+    ids, active = torch.randint(0, 40, (9,), generator=g), torch.rand(9, generator=g) > 0.3
+    hidden, weight, ids, active = (x.to(device) for x in (hidden, weight, ids, active))
+    logp, entropy, lse = lts.linear_stats_forward(hidden, weight, None, ids, active, 1.0, True)
+    grads = lts.linear_stats_backward(hidden, weight, None, ids, active, lse, entropy, torch.ones_like(lse), None, 1.0)
+    expected = torch.log_softmax(hidden @ weight.T, -1).gather(1, ids[:, None])[:, 0] * active
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+    assert grads[0].shape == hidden.shape and bool(grads[1].isfinite().all())
