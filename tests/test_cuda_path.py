@@ -88,3 +88,35 @@ def test_no_bool_tensor_is_argsorted(monkeypatch, device, one_thread):
     expected = torch.log_softmax(hidden @ weight.T, -1).gather(1, ids[:, None])[:, 0] * active
     torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
     assert grads[0].shape == hidden.shape and bool(grads[1].isfinite().all())
+
+
+def test_trainer_head_loss_runs_in_the_autocast_dtype(tmp_path, monkeypatch, one_thread):
+    """bf16 autocast (forced on here, CPU autocast): the fused loss and the forward-only log-probs get bf16
+    operands, though Qwen2's final norm hands over fp32 hidden states; the fp32 head keeps fp32 gradients."""
+    from grpo_fast import toy
+    from grpo_fast import trainer as trainer_module
+
+    seen = []
+
+    def recorder(fn, name):
+        def wrapped(hidden, weight, *args, **kwargs):
+            seen.append((name, hidden.dtype, weight.dtype))
+            return fn(hidden, weight, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(trainer_module, "linear_grpo_loss", recorder(trainer_module.linear_grpo_loss, "loss"))
+    monkeypatch.setattr(
+        trainer_module, "linear_token_logprobs", recorder(trainer_module.linear_token_logprobs, "logprobs")
+    )
+    tok = toy.build_tokenizer()
+    model = toy.build_model(tok, seed=0, hidden_size=32, layers=1, heads=2, ffn=64)
+    data = toy.make_splits(num_train=16, num_dev=4, num_test=4)
+    cfg = trainer_module.GRPOConfig(output_dir=str(tmp_path), seed=3, max_steps=1, per_device_train_batch_size=8,
+                                    num_generations=4, max_completion_length=6, beta=0.04)  # fmt: skip
+    trainer = trainer_module.GRPOTrainer(model, "format", cfg, data["train"], tokenizer=tok)
+    trainer.use_bf16 = True  # bf16 autocast, which the trainer turns on by itself only on a bf16-capable GPU
+    trainer.step()
+    assert {name for name, *_ in seen} == {"loss", "logprobs"}
+    assert all(dtypes == [torch.bfloat16, torch.bfloat16] for _, *dtypes in seen), seen
+    assert model.lm_head.weight.grad.dtype == torch.float32
