@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,27 @@ def test_trainer_head_loss_runs_in_the_autocast_dtype(tmp_path, monkeypatch, one
     assert {name for name, *_ in seen} == {"loss", "logprobs"}
     assert all(dtypes == [torch.bfloat16, torch.bfloat16] for _, *dtypes in seen), seen
     assert model.lm_head.weight.grad.dtype == torch.float32
+
+
+def _flash_attn_package(root: Path, body: str) -> Path:
+    (root / "flash_attn").mkdir(parents=True)
+    (root / "flash_attn" / "__init__.py").write_text(body)
+    return root
+
+
+@pytest.mark.parametrize("package", ["present", "absent", "broken"])
+def test_attention_choice_by_model_dtype_and_flash_attn(package, tmp_path, monkeypatch):
+    from grpo_fast.modeling import attn_implementation
+
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    if package == "present":
+        monkeypatch.syspath_prepend(str(_flash_attn_package(tmp_path, "")))
+    elif package == "broken":  # installed, built for another torch: fails on import
+        body = "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice')\n"
+        monkeypatch.syspath_prepend(str(_flash_attn_package(tmp_path, body)))
+    flash = "flash_attention_2" if package == "present" else "sdpa"
+    assert attn_implementation("cuda", torch.bfloat16) == flash
+    assert attn_implementation("cuda:1", torch.float16) == flash
+    assert attn_implementation("cuda", torch.float32) == "sdpa"  # flash-attn has no fp32 kernels
+    assert attn_implementation("cuda") == "sdpa"  # the default: an fp32 model
+    assert attn_implementation("cpu", torch.bfloat16) == "sdpa"
