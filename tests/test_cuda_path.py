@@ -145,3 +145,150 @@ def test_attention_choice_by_model_dtype_and_flash_attn(package, tmp_path, monke
     assert attn_implementation("cuda", torch.float32) == "sdpa"  # flash-attn has no fp32 kernels
     assert attn_implementation("cuda") == "sdpa"  # the default: an fp32 model
     assert attn_implementation("cpu", torch.bfloat16) == "sdpa"
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch backend under a caller's bf16 autocast: its fp32 reductions stay fp32
+# ----------------------------------------------------------------------------------------------
+
+
+def _head_inputs(seed=0, b=3, t=5, h=24, v=300):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * (3.0 / h**0.5)  # logits of spread ~3
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = (torch.rand(b, t, generator=g) > 0.2).float()
+    return hidden, weight, ids, mask, torch.randn(b, generator=g)
+
+
+def test_token_stats_under_autocast_keep_fp32_accuracy(monkeypatch, one_thread):
+    """The eager torch path (the torch backend on CUDA; on CPU when compilation is off) under bf16 autocast."""
+    from tolerances import assert_close
+
+    import grpo_fast as gf
+    from grpo_fast import reference as R
+
+    monkeypatch.setenv("GRPO_FAST_EAGER", "1")
+    hidden, weight, ids, _, _ = _head_inputs()
+    logits = (hidden @ weight.T).requires_grad_()  # (B, T, V) fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gf.token_logprobs(logits, ids, 0.7, return_entropy=True, backend="torch")
+        (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
+    exact = logits.detach().double().requires_grad_()
+    lp, ent = R.token_logprobs(exact, ids, 0.7), R.token_entropy(exact, 0.7)
+    (lp.sum() + 0.3 * ent.sum()).backward()
+    assert_close(out.logprobs, lp, torch.float32, "logprob: logprobs under autocast")
+    assert_close(out.entropy, ent, torch.float32, "entropy: entropy under autocast")
+    assert_close(logits.grad, exact.grad, torch.float32, "grad: logits grad under autocast")
+
+
+def test_linear_head_under_autocast_keeps_fp32_accuracy(one_thread):
+    from tolerances import assert_close
+
+    import grpo_fast as gf
+
+    hidden, weight, ids, mask, adv = _head_inputs(1)
+    config = gf.LossConfig(beta=0.0, entropy_coef=0.01)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = gf.linear_token_logprobs(hidden, weight, ids, return_entropy=True, backend="torch")
+        out = gf.linear_grpo_loss(*leaves, ids, adv, mask, config=config, backend="torch")
+    out.loss.backward()
+    exact = [x.double().requires_grad_() for x in (hidden, weight)]
+    ref = gf.linear_grpo_loss(*exact, ids, adv.double(), mask.double(), config=config, backend="reference")
+    ref.loss.backward()
+    ref_stats = gf.linear_token_logprobs(
+        hidden.double(), weight.double(), ids, return_entropy=True, backend="reference"
+    )
+    assert_close(stats.logprobs, ref_stats.logprobs, torch.float32, "logprob: logprobs under autocast")
+    assert_close(stats.entropy, ref_stats.entropy, torch.float32, "entropy: entropy under autocast")
+    assert_close(out.loss, ref.loss, torch.float32, "loss: loss under autocast")
+    for name, got, want in zip(("hidden", "weight"), leaves, exact, strict=True):
+        assert_close(got.grad, want.grad, torch.float32, f"grad: grad {name} under autocast")
+
+
+# ----------------------------------------------------------------------------------------------
+# No host synchronisation inside the custom ops (CUDA graphs, torch.compile's reduce-overhead mode)
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _host_syncs_refused():
+    """Tensor -> Python conversions (each a device-to-host copy and a stream sync on a GPU) raise."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"host synchronisation on a {tuple(self.shape)} tensor inside the op")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+            mp.setattr(torch.Tensor, name, refuse)
+        yield
+
+
+def _objective(adv, mask, config):
+    from grpo_fast import reference as R
+
+    def objective(logp, entropy):
+        return R.grpo_objective(logp, entropy, adv, mask, None, None, config, None, None)
+
+    return objective
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_linear_ops_do_not_synchronise(backend, device, one_thread):
+    import grpo_fast as gf
+    from grpo_fast.ops import linear_loss, linear_triton
+
+    hidden, weight, ids, mask, adv = (x.to(device) for x in _head_inputs(2))
+    b, t, h = hidden.shape
+    config = gf.LossConfig(beta=0.0, entropy_coef=0.01)
+    objective, active = _objective(adv, mask, config), mask.bool()
+    hidden2d = hidden.reshape(b * t, h).requires_grad_()
+    weight.requires_grad_()
+    rows = active.reshape(-1).nonzero().squeeze(1)  # (M,) outside the op, as linear_grpo_loss does
+    standin = torch.zeros_like(mask)
+    with _host_syncs_refused():
+        if backend == "triton":
+            loss, _ = linear_triton.LinearGRPOTritonFunction.apply(
+                hidden2d, weight, None, ids.reshape(-1), active, standin, objective, 1.0, False, {}
+            )
+            linear_triton.forward_stats(
+                hidden2d.detach(), weight.detach(), None, ids.reshape(-1), active.reshape(-1), 1.0, True
+            )
+        else:
+            loss, _ = linear_loss.LinearGRPOFunction.apply(
+                hidden2d, weight, None, ids.reshape(-1), rows, standin, objective, 1.0, 7, {}
+            )
+        (2.0 * loss).backward()
+    exact = [x.detach().double().requires_grad_() for x in (hidden, weight)]
+    expected = gf.linear_grpo_loss(*exact, ids, adv.double(), mask.double(), config=config, backend="reference")
+    (2.0 * expected.loss).backward()
+    torch.testing.assert_close(loss.double(), expected.loss.double(), rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(hidden2d.grad.view(b, t, h).double(), exact[0].grad, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), exact[1].grad, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.triton
+def test_token_stats_op_does_not_synchronise(device, one_thread):
+    from grpo_fast.ops import token_stats
+
+    hidden, weight, ids, mask, _ = (x.to(device) for x in _head_inputs(3))
+    logits = (hidden @ weight.T).requires_grad_()  # (B, T, V)
+    with _host_syncs_refused():
+        logp, entropy = token_stats.token_stats(logits, ids, mask.bool(), 1.0, True, use_triton=True)
+        (logp * mask).sum().backward()  # the entropy unused: its gradient term is skipped
+    expected = torch.log_softmax(logits.detach(), -1).gather(-1, ids[..., None])[..., 0] * mask
+    torch.testing.assert_close(logp * mask, expected, rtol=1e-5, atol=1e-5)
+    assert logits.grad is not None and bool(logits.grad.isfinite().all())
+
+
+def test_second_backward_through_the_fused_head_is_refused(one_thread):
+    import grpo_fast as gf
+
+    hidden, weight, ids, mask, adv = _head_inputs(4)
+    hidden.requires_grad_()
+    loss = gf.linear_grpo_loss(hidden, weight, ids, adv, mask, config=gf.LossConfig(beta=0.0), backend="torch").loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
