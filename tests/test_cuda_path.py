@@ -292,3 +292,52 @@ def test_second_backward_through_the_fused_head_is_refused(one_thread):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# Smaller findings: the backend choice for an fp64 head, the RNG restore with fewer GPUs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_auto_backend_with_fp32_hidden_and_fp64_weight_uses_torch_on_a_gpu_host(monkeypatch, one_thread):
+    """auto on a CUDA host (simulated: check_backend resolves as for a CUDA tensor) must not hand an fp64
+    head, which the kernels do not take, to Triton."""
+    import grpo_fast as gf
+    from grpo_fast import linear, validation
+
+    chosen = []
+
+    def on_cuda(backend, device, dtype=None):
+        chosen.append(validation.check_backend(backend, torch.device("cuda"), dtype))
+        return chosen[-1]
+
+    monkeypatch.setattr(linear, "check_backend", on_cuda)
+    monkeypatch.setattr(validation, "triton_available", lambda: True)
+    hidden, weight, ids, mask, adv = _head_inputs(5)
+    config = gf.LossConfig(beta=0.0)
+    out = gf.linear_grpo_loss(hidden, weight.double(), ids, adv, mask, config=config)
+    stats = gf.linear_token_logprobs(hidden, weight.double(), ids)
+    assert chosen == ["torch", "torch"]
+    ref = gf.linear_grpo_loss(hidden.double(), weight.double(), ids, adv, mask, config=config, backend="reference")
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), rtol=1e-6, atol=1e-9)
+    assert stats.logprobs.shape == ids.shape
+
+
+def test_rng_restore_with_fewer_gpus_than_at_save(monkeypatch):
+    """Saved on 2 GPUs, resumed with 1 visible: the first state is restored, nothing indexes past it."""
+    from grpo_fast import checkpoint
+
+    restored = []
+
+    def set_rng_state(state, device):
+        if torch.device("cuda", device).index >= 1:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {device}")
+        restored.append((state.clone(), device))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # what set_rng_state_all calls
+    saved = torch.stack([torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)])
+    checkpoint.set_rng_state({"torch": torch.get_rng_state(), "cuda": saved})
+    assert len(restored) == 1 and torch.equal(restored[0][0], saved[0]) and restored[0][1] == 0
