@@ -41,7 +41,9 @@ exponents are (z - m) / tau in base 2 (one MUFU.EX2), and logp = (z[id] - m) / t
 H = log d - e / d, lse = m / tau + log d, so no result is a difference of two numbers of size |z|.
 Columns past V and rows past the active count are -inf logits: they contribute exactly 0, never
 0 * inf. The backward rebuilds p = exp(z / tau - lse) from the saved fp32 lse, and casts g to the
-input dtype for the two gradient GEMMs (fp32 accumulation), as the torch backend does.
+input dtype for the two gradient GEMMs (fp32 accumulation): bf16 as is, as the torch backend's bf16
+GEMMs; fp16 after scaling each tile to a largest |g| of 2**14 (``_gemm_operand``: fp16 would flush
+|g| < 6e-8 to 0), where the torch backend computes fp16 in fp32.
 fp32 inputs use input_precision="ieee" (exact fp32 FMA, like torch's default fp32 matmul; TF32 would
 round the inputs to 10 bits): bf16/fp16 are the fast paths.
 """
@@ -114,6 +116,25 @@ def _grad_tile(z, cols, target, lse, entropy, g_logp, g_ent, inv_tau, HAS_GRAD_E
     if HAS_GRAD_ENTROPY:
         g -= g_ent[:, None] * p * (tl.maximum(log_p, -FLOAT32_MAX) + entropy[:, None])
     return g
+
+
+@triton.jit
+def _gemm_operand(g, weight_ptr):
+    """g as the gradient GEMMs' operand in the weight's dtype, and the factor that undoes its scaling on
+    their fp32 products.
+
+    bf16 has fp32's exponent range: g is rounded, nothing more. fp16 stops at 6e-8 (2**-24), and g is
+    often far smaller (d loss / d logp ~ 1 / tokens times p ~ 1e-6 gives 1e-10), so a plain cast would
+    flush it to 0; the tile is scaled first so that its largest |g| is 2**14 (no overflow of 65504),
+    which leaves an entry flushed only below 2**-38 of that largest one. 1e30 caps the factor for an
+    all-zero tile (its products are 0 whatever the factor).
+    """
+    if weight_ptr.dtype.element_ty == tl.float16:
+        top = tl.max(tl.max(tl.abs(g), axis=1), axis=0)
+        scale = tl.minimum(16384.0 / top, 1e30)
+        return (g * scale).to(tl.float16), 1.0 / scale
+    else:
+        return g.to(weight_ptr.dtype.element_ty), 1.0
 
 
 @triton.jit
@@ -348,7 +369,7 @@ def _bwd_fused_kernel(
         )
         g = _grad_tile(z, cols, target, lse, entropy, g_logp, g_ent, inv_tau, HAS_GRAD_ENTROPY)
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
-        g = g.to(weight_ptr.dtype.element_ty)  # tensor-core input, fp32 accumulation
+        g, unscale = _gemm_operand(g, weight_ptr)  # tensor-core input, fp32 accumulation
         k = tl.arange(0, BLOCK_H)
         rows64 = rows.to(tl.int64)[:, None]
         cols64 = cols.to(tl.int64)[:, None]
@@ -356,8 +377,8 @@ def _bwd_fused_kernel(
             k_mask = (k0 + k)[None, :] < H
             w = tl.load(weight_ptr + cols64 * stride_wv + k0 + k[None, :], mask=col_mask[:, None] & k_mask, other=0.0)
             h = tl.load(hidden_ptr + rows64 * stride_hn + k0 + k[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
-            gh = tl.dot(g, w, input_precision="ieee")  # (BLOCK_N, BLOCK_H)
-            gw = tl.dot(tl.trans(g), h, input_precision="ieee")  # (BLOCK_V, BLOCK_H)
+            gh = tl.dot(g, w, input_precision="ieee") * unscale  # (BLOCK_N, BLOCK_H)
+            gw = tl.dot(tl.trans(g), h, input_precision="ieee") * unscale  # (BLOCK_V, BLOCK_H)
             tl.atomic_add(
                 grad_hidden_ptr + rows64 * stride_ghn + k0 + k[None, :],
                 gh,
@@ -418,14 +439,14 @@ def _bwd_hidden_kernel(
                 hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv, BLOCK_H
             )
             g = _grad_tile(z, cols, target, lse, entropy, g_logp, g_ent, inv_tau, HAS_GRAD_ENTROPY)
-            g = g.to(weight_ptr.dtype.element_ty)
+            g, unscale = _gemm_operand(g, weight_ptr)
             w_ptrs = weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + k[None, :]
             # the previous tile's stores by any thread of the program are visible before they are re-read
             tl.debug_barrier()
             for k0 in range(0, H, BLOCK_H):
                 k_mask = (k0 + k)[None, :] < H
                 w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask, other=0.0)
-                acc = tl.dot(g, w, input_precision="ieee")  # (BLOCK_N, BLOCK_H)
+                acc = tl.dot(g, w, input_precision="ieee") * unscale  # (BLOCK_N, BLOCK_H)
                 # the first tile writes (no zero-fill pass), later ones add in a fixed order: deterministic
                 acc += tl.load(out + k0, mask=in_range[:, None] & k_mask & (v0 > 0), other=0.0)
                 tl.store(out + k0, acc, mask=in_range[:, None] & k_mask)
@@ -483,13 +504,13 @@ def _bwd_weight_kernel(
         )
         g = _grad_tile(z, cols, target, lse, entropy, g_logp, g_ent, inv_tau, HAS_GRAD_ENTROPY)
         grad_bias += tl.sum(g, axis=0)
-        g = g.to(weight_ptr.dtype.element_ty)
+        g, unscale = _gemm_operand(g, weight_ptr)
         h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn + k[None, :]
         tl.debug_barrier()  # the previous row block's stores are visible to every thread of the program
         for k0 in range(0, H, BLOCK_H):
             k_mask = (k0 + k)[None, :] < H
             h = tl.load(h_ptrs + k0, mask=row_mask[:, None] & k_mask, other=0.0)
-            acc = tl.dot(tl.trans(g), h, input_precision="ieee")  # (BLOCK_V, BLOCK_H)
+            acc = tl.dot(tl.trans(g), h, input_precision="ieee") * unscale  # (BLOCK_V, BLOCK_H)
             acc += tl.load(out + k0, mask=col_mask[:, None] & k_mask & (n0 > 0), other=0.0)
             tl.store(out + k0, acc, mask=col_mask[:, None] & k_mask)
     tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
