@@ -1,23 +1,80 @@
 """Test-session setup. With no CUDA device the Triton kernels run under the interpreter, which must be
-switched on before triton is first imported (torch does not import triton eagerly)."""
+switched on before triton is first imported (torch does not import triton eagerly).
 
+Tests marked ``triton`` run Triton kernels: on a CUDA host on the GPU with real kernels, elsewhere on
+the CPU under the interpreter. Their tensors get there through one mechanism (``_triton_placement``):
+on a CUDA host, every tensor a factory function (torch.randn, torch.zeros, ...) makes without an explicit
+device is moved to the GPU, after being drawn on the CPU, so seeded inputs are the same values on both
+hosts. A test that launches a kernel without the marker fails, so ``pytest -m triton`` selects them all.
+"""
+
+import importlib.util
 import os
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Where the Triton tests put their tensors: the GPU with real kernels where CUDA is present, else the CPU
-# under the interpreter (set above). Tests marked ``triton`` build their inputs on this device.
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_FACTORIES = {torch.randn, torch.rand, torch.randint, torch.randperm, torch.zeros, torch.ones, torch.full,
+              torch.empty, torch.tensor, torch.arange, torch.linspace, torch.eye}  # fmt: skip
+
+
+class FactoriesOn(TorchFunctionMode):
+    """Factory calls without ``device=`` make their tensor on the CPU (with the caller's CPU generator, if
+    any) and return it moved to ``device``; calls that name a device are left alone."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = torch.device(device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _FACTORIES and kwargs.get("device") is None:
+            return out.to(self.device)
+        return out
+
+
+def pytest_collection_modifyitems(items):
+    """A test parametrized with backend="triton" runs the kernels: it gets the ``triton`` marker."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend") == "triton" or params.get("loss_backend") == "triton":
+            item.add_marker(pytest.mark.triton)
 
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    """The device of the Triton tests (see TRITON_DEVICE)."""
+    """The device of the Triton tests: the GPU where CUDA is present, else the CPU (interpreter)."""
     return TRITON_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _triton_placement(request, monkeypatch):
+    if request.node.get_closest_marker("triton") is None:
+        _refuse_launches(monkeypatch, request.node.nodeid)
+        yield
+    elif TRITON_DEVICE.type == "cuda":
+        with FactoriesOn(TRITON_DEVICE):
+            yield
+    else:
+        yield
+
+
+def _refuse_launches(monkeypatch, test: str) -> None:
+    if importlib.util.find_spec("triton") is None:
+        return
+    from grpo_fast.kernels import linear_token_stats, token_stats
+
+    def refuse(kernel, *args, **kwargs):
+        raise AssertionError(f"{test} launches a Triton kernel: mark it @pytest.mark.triton")
+
+    for module in (token_stats, linear_token_stats):
+        monkeypatch.setattr(module, "launch", refuse)
 
 
 @pytest.fixture(scope="module")

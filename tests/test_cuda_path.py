@@ -368,3 +368,31 @@ def test_fp16_backward_keeps_gradients_below_fp16_range(deterministic, device, o
         assert scale > 0
         # fp16 rounding of g (2^-11 relative) summed over <= 203 terms; as tests/test_triton_linear.py's fp16 grad
         torch.testing.assert_close(got.double().cpu(), want, rtol=2.0**-10, atol=2.0**-9 * scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# The test suite on a GPU host (tests/conftest.py): Triton tests on the GPU, every launch marked
+# ----------------------------------------------------------------------------------------------
+
+
+def test_factories_without_a_device_go_to_the_triton_device():
+    """What a CUDA host does to a Triton test's tensors, shown with the meta device: factories without
+    ``device=`` land there (seeded draws made on the CPU first), those naming a device stay put."""
+    from conftest import FactoriesOn
+
+    g = torch.Generator().manual_seed(0)
+    with FactoriesOn(torch.device("meta")):
+        drawn = torch.randn(2, 3, generator=g)
+        made = [torch.zeros(2), torch.arange(4), torch.tensor([1.0]), torch.randint(0, 5, (3,), generator=g)]
+        kept = torch.ones(2, device="cpu")
+        derived = torch.zeros_like(kept)
+    assert drawn.device.type == "meta" and all(x.device.type == "meta" for x in made)
+    assert kept.device.type == "cpu" and derived.device.type == "cpu"
+
+
+def test_a_kernel_launch_in_an_unmarked_test_fails():
+    """``pytest -m triton`` (the GPU run) must select every test that runs a kernel: one without the marker fails."""
+    hidden, weight = torch.randn(4, 16), torch.randn(20, 16)
+    ids, active = torch.randint(0, 20, (4,)), torch.ones(4, dtype=torch.bool)
+    with pytest.raises(AssertionError, match="mark it @pytest.mark.triton"):
+        lts.linear_stats_forward(hidden, weight, None, ids, active, 1.0, False)

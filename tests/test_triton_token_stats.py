@@ -21,6 +21,7 @@ from tolerances import assert_close, assert_no_worse, tolerance
 from grpo_fast import reference as R
 from grpo_fast.kernels import token_stats as ts
 
+pytestmark = pytest.mark.triton
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = (F32, F16, BF16)
 # V below the smallest block (37, 300), inside one block (1000, 2053), over three blocks of 4096 (9001)
