@@ -547,14 +547,19 @@ def block_config(dtype: torch.dtype, kind: str) -> Blocks:
       128 x BLOCK_H for grad_W): BLOCK_H = 64 costs 215-255 registers on sm_80, 32 brings them to
       180-196 (113-186 on sm_90), with no spills either way.
     fp32 (input_precision="ieee": FMA, no tensor cores; operands are held in registers, so tiles are
-    small): (32, 64, 16), 4 warps (8 for the fused backward, which spilled 4 B on sm_80 with 4):
-    80-152 registers and no spills on both targets, where 64-row tiles spill in the backward kernels.
-    Figures from ``python -m grpo_fast.audit`` (Triton 3.9, default 3 pipeline stages).
+    small): (32, 64, 16) with 4 warps for the forward, 8 for the fused and hidden backward kernels;
+    (16, 64, 16) with 4 warps for the weight one. These sit near ptxas's register targets: with 4 warps
+    the fused kernel spilled 4 B on sm_80 (Triton 3.9) and the hidden / weight ones 4 B on sm_80 and
+    sm_90 (Triton 3.6); the weight kernel with 32 rows and 8 warps 4 B on sm_90 (Triton 3.9). 64-row
+    tiles spill in every backward kernel. Figures from ``python -m grpo_fast.audit`` (Triton 3.9 and
+    3.6, default 3 pipeline stages), which must report no spill under both.
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if dtype == torch.float32:
-        return Blocks(32, 64, 16, 8 if kind == "backward_fused" else 4)
+        if kind == "backward_weight":
+            return Blocks(16, 64, 16, 4)
+        return Blocks(32, 64, 16, 4 if kind == "forward" else 8)
     return Blocks(64, 128, 64 if kind == "forward" else 32, 8)
 
 
