@@ -3,13 +3,16 @@ switched on before triton is first imported (torch does not import triton eagerl
 
 Tests marked ``triton`` run Triton kernels: on a CUDA host on the GPU with real kernels, elsewhere on
 the CPU under the interpreter. Their tensors get there through one mechanism (``_triton_placement``):
-on a CUDA host, every tensor a factory function (torch.randn, torch.zeros, ...) makes without an explicit
-device is moved to the GPU, after being drawn on the CPU, so seeded inputs are the same values on both
-hosts. A test that launches a kernel without the marker fails, so ``pytest -m triton`` selects them all.
+on a CUDA host, every tensor test code makes with a factory function (torch.randn, torch.zeros, ...)
+without an explicit device is moved to the GPU, after being drawn on the CPU, so seeded inputs are the
+same values on both hosts. A test that launches a kernel without the marker fails, so
+``pytest -m triton`` selects them all.
 """
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +27,9 @@ _FACTORIES = {torch.randn, torch.rand, torch.randint, torch.randperm, torch.zero
 
 
 class FactoriesOn(TorchFunctionMode):
-    """Factory calls without ``device=`` make their tensor on the CPU (with the caller's CPU generator, if
-    any) and return it moved to ``device``; calls that name a device are left alone."""
+    """Factory calls made by test code (files under tests/) without ``device=`` make their tensor on the
+    CPU (with the caller's CPU generator, if any) and return it moved to ``device``. Calls that name a
+    device, and every call made by library code, are left alone: grpo_fast runs as it would for a user."""
 
     def __init__(self, device: torch.device):
         super().__init__()
@@ -34,9 +38,25 @@ class FactoriesOn(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in _FACTORIES and kwargs.get("device") is None:
+        if func in _FACTORIES and kwargs.get("device") is None and _called_from_tests():
             return out.to(self.device)
         return out
+
+
+def _called_from_tests() -> bool:
+    """Whether the first frame outside torch and this file belongs to a file under tests/."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename == __file__ or _in(frame, _TORCH)):
+        frame = frame.f_back
+    return frame is not None and _in(frame, _TESTS)
+
+
+def _in(frame, directory: Path) -> bool:
+    return Path(frame.f_code.co_filename).resolve().is_relative_to(directory)
+
+
+_TESTS = Path(__file__).resolve().parent
+_TORCH = Path(torch.__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(items):

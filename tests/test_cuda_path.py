@@ -375,10 +375,15 @@ def test_fp16_backward_keeps_gradients_below_fp16_range(deterministic, device, o
 # ----------------------------------------------------------------------------------------------
 
 
-def test_factories_without_a_device_go_to_the_triton_device():
-    """What a CUDA host does to a Triton test's tensors, shown with the meta device: factories without
-    ``device=`` land there (seeded draws made on the CPU first), those naming a device stay put."""
+def test_factories_without_a_device_go_to_the_triton_device(tmp_path, monkeypatch):
+    """What a CUDA host does to a Triton test's tensors, shown with the meta device: factories called by
+    test code without ``device=`` land there (seeded draws made on the CPU first); those naming a device,
+    and those called by library code, stay put."""
     from conftest import FactoriesOn
+
+    (tmp_path / "library_code.py").write_text("import torch\n\ndef make():\n    return torch.zeros(2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import library_code
 
     g = torch.Generator().manual_seed(0)
     with FactoriesOn(torch.device("meta")):
@@ -386,8 +391,9 @@ def test_factories_without_a_device_go_to_the_triton_device():
         made = [torch.zeros(2), torch.arange(4), torch.tensor([1.0]), torch.randint(0, 5, (3,), generator=g)]
         kept = torch.ones(2, device="cpu")
         derived = torch.zeros_like(kept)
+        library = library_code.make()
     assert drawn.device.type == "meta" and all(x.device.type == "meta" for x in made)
-    assert kept.device.type == "cpu" and derived.device.type == "cpu"
+    assert kept.device.type == "cpu" and derived.device.type == "cpu" and library.device.type == "cpu"
 
 
 def test_a_kernel_launch_in_an_unmarked_test_fails():
