@@ -86,7 +86,7 @@ def linear_grpo_loss(
     )
     check_ids("completion_ids", completion_ids, weight.shape[0], completion_mask)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
-    backend = check_backend(backend, hidden.device, hidden.dtype)
+    backend = check_backend(backend, hidden.device, _head_dtype(hidden, weight, bias))
     ids = usable_ids(completion_ids, active, completion_mask)
     debug.check_inputs(active, ids, hidden=hidden, weight=weight, bias=bias, advantages=advantages,
                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
@@ -155,7 +155,7 @@ def linear_token_logprobs(
     active = active_mask(mask, (b, t), "mask", ids.device)
     check_same_device(hidden=hidden, weight=weight, bias=bias, ids=ids, mask=mask)
     check_ids("ids", ids, weight.shape[0], mask)
-    backend = check_backend(backend, hidden.device, hidden.dtype)
+    backend = check_backend(backend, hidden.device, _head_dtype(hidden, weight, bias))
     ids = usable_ids(ids, active, mask)
     debug.check_inputs(active, ids, hidden=hidden, weight=weight, bias=bias)
     with torch.no_grad():
@@ -246,6 +246,13 @@ def _check_head(hidden, weight, bias, ids):
         check_tensor("bias", bias, 1, FLOAT_DTYPES)
         check_shape("bias", bias, (weight.shape[0],), "(V,) like weight.shape[0]")
     return b, t, hidden.reshape(b * t, h)
+
+
+def _head_dtype(hidden, weight, bias) -> torch.dtype:
+    """The dtype the head computes in, the widest of its operands: with an fp64 weight or bias it is fp64,
+    which the kernels do not take, so ``auto`` must not pick them for fp32 hidden states."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
 
 
 def _chunk(chunk_size, vocab: int) -> int:

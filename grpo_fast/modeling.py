@@ -7,7 +7,7 @@ so the (B, T, V) logits are never built by the trainer.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import re
 from pathlib import Path
@@ -16,11 +16,21 @@ import torch
 from torch import nn
 
 
-def attn_implementation(device: torch.device | str) -> str:
-    """flash_attention_2 on CUDA when the flash-attn package is installed, sdpa otherwise."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def attn_implementation(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """flash_attention_2 for a bf16 / fp16 model on CUDA when the flash-attn package imports, sdpa otherwise.
+
+    flash-attn computes in fp16 / bf16 only, so an fp32 model (the trainer's fp32 weights, run without
+    autocast by ``bf16: false``, SFT and evaluation) would fail in its first forward; sdpa picks a flash
+    kernel by itself for half-precision inputs (under autocast too). A package that is installed but
+    does not import (built against another torch or CUDA: undefined symbols) counts as absent.
+    """
+    if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    try:
+        importlib.import_module("flash_attn")
+    except (ImportError, OSError):
+        return "sdpa"
+    return "flash_attention_2"
 
 
 def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
@@ -35,8 +45,9 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     check_model_path(path)
     adapters = Path(path) / "adapter_config.json"
     base = _adapter_base(adapters) if adapters.exists() else path
+    dtype = dtype or torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=dtype or torch.float32, attn_implementation=attn_implementation(device)
+        base, dtype=dtype, attn_implementation=attn_implementation(device, dtype)
     )
     if adapters.exists():
         from peft import PeftModel

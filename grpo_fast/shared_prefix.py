@@ -152,13 +152,18 @@ def _attend(q, k, v, mask, scale: float) -> torch.Tensor:
 
     On CPU, short sequences go through two matmuls and a float32 softmax (as the models' eager attention),
     which beat the CPU flash kernel on demo-sized updates here; anything larger, and every other device,
-    through ``scaled_dot_product_attention``, which never holds the score tensor.
+    through ``scaled_dot_product_attention``, which then must not fall back to its math kernel: that one
+    saves the (B, heads, L, keys) probabilities for backward (0.7 GB per layer at 8 x 14 heads x 1024 x
+    1536 fp32). On CUDA the flash kernel takes no mask and the memory-efficient one no grouped heads
+    (``enable_gqa``), so the key/value heads are repeated to one per query head first: the
+    memory-efficient kernel then runs, saving only its output and log-sum-exp, plus the repeated keys
+    and values (B, heads, keys, d), a 1 / L share of the probabilities' size.
     """
     group = q.shape[1] // k.shape[1]
-    if q.device.type != "cpu" or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] > SMALL_SCORES:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if q.device.type != "cpu" or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] > SMALL_SCORES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)).mul(scale).masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 

@@ -599,15 +599,16 @@ class GRPOTrainer:
                         hidden = shared.hidden(rows, r.completion_ids, r.lengths)  # (b, t, H)
                     else:
                         hidden = self._policy(r.prompt_ids, r.prompt_mask, r.completion_ids)
+                hidden, weight, bias = self._head_operands(hidden, self.head)
                 out = linear_grpo_loss(
                     hidden,
-                    self.head.weight,
+                    weight,
                     r.completion_ids,
                     batch.advantages[rows],
                     mask[rows, :t],
                     _rows(old_logprobs, rows, t),
                     _rows(ref_logprobs, rows, t),
-                    bias=self.head.bias,
+                    bias=bias,
                     config=self.loss_config,
                     importance_ratio=_ratio_rows(importance_ratio, rows, t),
                     num_items_in_batch=num_items,
@@ -732,7 +733,8 @@ class GRPOTrainer:
                     hidden = prefix.completion_hidden(prompts, rows // g, r.completion_ids, r.lengths)  # (b, t, H)
                 else:
                     hidden = completion_hidden(backbone, r.prompt_ids, r.prompt_mask, r.completion_ids)
-            stats = linear_token_logprobs(hidden, head.weight, r.completion_ids, head.bias, self.config.temperature,
+            hidden, weight, bias = self._head_operands(hidden, head)
+            stats = linear_token_logprobs(hidden, weight, r.completion_ids, bias, self.config.temperature,
                                           mask=r.completion_mask)  # fmt: skip
             logprobs[rows, : r.completion_ids.shape[1]] = stats.logprobs
         return logprobs
@@ -826,6 +828,15 @@ class GRPOTrainer:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _head_operands(self, hidden: torch.Tensor, head: nn.Linear) -> tuple:
+        """(hidden, weight, bias) of the LM-head loss, in bf16 when autocast is on, as an autocast linear
+        layer would run: the backbone's final norm keeps fp32 under autocast, which would send the fused
+        kernels to their fp32 variants (no tensor cores). Gradients still accumulate in fp32 (.grad)."""
+        operands = (hidden, head.weight, head.bias)
+        if not self.use_bf16:
+            return operands
+        return tuple(None if x is None else x.to(torch.bfloat16) for x in operands)
 
     # ----------------------------------------------------------------- metrics, training loop, checkpoints
     def _gather_sampled(self, sampled: Batch):

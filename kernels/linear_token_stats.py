@@ -41,7 +41,9 @@ exponents are (z - m) / tau in base 2 (one MUFU.EX2), and logp = (z[id] - m) / t
 H = log d - e / d, lse = m / tau + log d, so no result is a difference of two numbers of size |z|.
 Columns past V and rows past the active count are -inf logits: they contribute exactly 0, never
 0 * inf. The backward rebuilds p = exp(z / tau - lse) from the saved fp32 lse, and casts g to the
-input dtype for the two gradient GEMMs (fp32 accumulation), as the torch backend does.
+input dtype for the two gradient GEMMs (fp32 accumulation): bf16 as is, as the torch backend's bf16
+GEMMs; fp16 after scaling each tile to a largest |g| of 2**14 (``_gemm_operand``: fp16 would flush
+|g| < 6e-8 to 0), where the torch backend computes fp16 in fp32.
 fp32 inputs use input_precision="ieee" (exact fp32 FMA, like torch's default fp32 matmul; TF32 would
 round the inputs to 10 bits): bf16/fp16 are the fast paths.
 """
@@ -55,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from .launch import launch
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MERGE_BLOCK = 256  # rows per program of the split-merge kernel (elementwise over N; 2 rows per thread)
@@ -112,6 +116,25 @@ def _grad_tile(z, cols, target, lse, entropy, g_logp, g_ent, inv_tau, HAS_GRAD_E
     if HAS_GRAD_ENTROPY:
         g -= g_ent[:, None] * p * (tl.maximum(log_p, -FLOAT32_MAX) + entropy[:, None])
     return g
+
+
+@triton.jit
+def _gemm_operand(g, weight_ptr):
+    """g as the gradient GEMMs' operand in the weight's dtype, and the factor that undoes its scaling on
+    their fp32 products.
+
+    bf16 has fp32's exponent range: g is rounded, nothing more. fp16 stops at 6e-8 (2**-24), and g is
+    often far smaller (d loss / d logp ~ 1 / tokens times p ~ 1e-6 gives 1e-10), so a plain cast would
+    flush it to 0; the tile is scaled first so that its largest |g| is 2**14 (no overflow of 65504),
+    which leaves an entry flushed only below 2**-38 of that largest one. 1e30 caps the factor for an
+    all-zero tile (its products are 0 whatever the factor).
+    """
+    if weight_ptr.dtype.element_ty == tl.float16:
+        top = tl.max(tl.max(tl.abs(g), axis=1), axis=0)
+        scale = tl.minimum(16384.0 / top, 1e30)
+        return (g * scale).to(tl.float16), 1.0 / scale
+    else:
+        return g.to(weight_ptr.dtype.element_ty), 1.0
 
 
 @triton.jit
@@ -346,7 +369,7 @@ def _bwd_fused_kernel(
         )
         g = _grad_tile(z, cols, target, lse, entropy, g_logp, g_ent, inv_tau, HAS_GRAD_ENTROPY)
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
-        g = g.to(weight_ptr.dtype.element_ty)  # tensor-core input, fp32 accumulation
+        g, unscale = _gemm_operand(g, weight_ptr)  # tensor-core input, fp32 accumulation
         k = tl.arange(0, BLOCK_H)
         rows64 = rows.to(tl.int64)[:, None]
         cols64 = cols.to(tl.int64)[:, None]
@@ -354,8 +377,8 @@ def _bwd_fused_kernel(
             k_mask = (k0 + k)[None, :] < H
             w = tl.load(weight_ptr + cols64 * stride_wv + k0 + k[None, :], mask=col_mask[:, None] & k_mask, other=0.0)
             h = tl.load(hidden_ptr + rows64 * stride_hn + k0 + k[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
-            gh = tl.dot(g, w, input_precision="ieee")  # (BLOCK_N, BLOCK_H)
-            gw = tl.dot(tl.trans(g), h, input_precision="ieee")  # (BLOCK_V, BLOCK_H)
+            gh = tl.dot(g, w, input_precision="ieee") * unscale  # (BLOCK_N, BLOCK_H)
+            gw = tl.dot(tl.trans(g), h, input_precision="ieee") * unscale  # (BLOCK_V, BLOCK_H)
             tl.atomic_add(
                 grad_hidden_ptr + rows64 * stride_ghn + k0 + k[None, :],
                 gh,
@@ -416,14 +439,14 @@ def _bwd_hidden_kernel(
                 hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv, BLOCK_H
             )
             g = _grad_tile(z, cols, target, lse, entropy, g_logp, g_ent, inv_tau, HAS_GRAD_ENTROPY)
-            g = g.to(weight_ptr.dtype.element_ty)
+            g, unscale = _gemm_operand(g, weight_ptr)
             w_ptrs = weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + k[None, :]
             # the previous tile's stores by any thread of the program are visible before they are re-read
             tl.debug_barrier()
             for k0 in range(0, H, BLOCK_H):
                 k_mask = (k0 + k)[None, :] < H
                 w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask, other=0.0)
-                acc = tl.dot(g, w, input_precision="ieee")  # (BLOCK_N, BLOCK_H)
+                acc = tl.dot(g, w, input_precision="ieee") * unscale  # (BLOCK_N, BLOCK_H)
                 # the first tile writes (no zero-fill pass), later ones add in a fixed order: deterministic
                 acc += tl.load(out + k0, mask=in_range[:, None] & k_mask & (v0 > 0), other=0.0)
                 tl.store(out + k0, acc, mask=in_range[:, None] & k_mask)
@@ -481,13 +504,13 @@ def _bwd_weight_kernel(
         )
         g = _grad_tile(z, cols, target, lse, entropy, g_logp, g_ent, inv_tau, HAS_GRAD_ENTROPY)
         grad_bias += tl.sum(g, axis=0)
-        g = g.to(weight_ptr.dtype.element_ty)
+        g, unscale = _gemm_operand(g, weight_ptr)
         h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn + k[None, :]
         tl.debug_barrier()  # the previous row block's stores are visible to every thread of the program
         for k0 in range(0, H, BLOCK_H):
             k_mask = (k0 + k)[None, :] < H
             h = tl.load(h_ptrs + k0, mask=row_mask[:, None] & k_mask, other=0.0)
-            acc = tl.dot(tl.trans(g), h, input_precision="ieee")  # (BLOCK_V, BLOCK_H)
+            acc = tl.dot(tl.trans(g), h, input_precision="ieee") * unscale  # (BLOCK_V, BLOCK_H)
             acc += tl.load(out + k0, mask=col_mask[:, None] & k_mask & (n0 > 0), other=0.0)
             tl.store(out + k0, acc, mask=col_mask[:, None] & k_mask)
     tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
@@ -524,14 +547,19 @@ def block_config(dtype: torch.dtype, kind: str) -> Blocks:
       128 x BLOCK_H for grad_W): BLOCK_H = 64 costs 215-255 registers on sm_80, 32 brings them to
       180-196 (113-186 on sm_90), with no spills either way.
     fp32 (input_precision="ieee": FMA, no tensor cores; operands are held in registers, so tiles are
-    small): (32, 64, 16), 4 warps (8 for the fused backward, which spilled 4 B on sm_80 with 4):
-    80-152 registers and no spills on both targets, where 64-row tiles spill in the backward kernels.
-    Figures from ``python -m grpo_fast.audit`` (Triton 3.9, default 3 pipeline stages).
+    small): (32, 64, 16) with 4 warps for the forward, 8 for the fused and hidden backward kernels;
+    (16, 64, 16) with 4 warps for the weight one. These sit near ptxas's register targets: with 4 warps
+    the fused kernel spilled 4 B on sm_80 (Triton 3.9) and the hidden / weight ones 4 B on sm_80 and
+    sm_90 (Triton 3.6); the weight kernel with 32 rows and 8 warps 4 B on sm_90 (Triton 3.9). 64-row
+    tiles spill in every backward kernel. Figures from ``python -m grpo_fast.audit`` (Triton 3.9 and
+    3.6, default 3 pipeline stages), which must report no spill under both.
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if dtype == torch.float32:
-        return Blocks(32, 64, 16, 8 if kind == "backward_fused" else 4)
+        if kind == "backward_weight":
+            return Blocks(16, 64, 16, 4)
+        return Blocks(32, 64, 16, 4 if kind == "forward" else 8)
     return Blocks(64, 128, 64 if kind == "forward" else 32, 8)
 
 
@@ -625,8 +653,9 @@ def _empty(shape, device) -> torch.Tensor:
 
 
 def _active_order(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order (N,) int32: active rows first, each group in row order; count () int32), on the device."""
-    order = torch.argsort(active.logical_not(), stable=True).to(torch.int32)
+    """(order (N,) int32: active rows first, each group in row order; count () int32), on the device.
+    The flags are sorted as int8: CUDA sorts no bool tensor before torch 2.6."""
+    order = torch.argsort(active.logical_not().to(torch.int8), stable=True).to(torch.int32)
     return order, active.sum(dtype=torch.int32)
 
 
@@ -676,7 +705,10 @@ def linear_stats_forward(hidden, weight, bias, ids, active, inv_tau: float, with
     splits, per_split = vocab_splits(row_blocks, v, cfg.block_v)
     parts = _empty((splits, 4, n), hidden.device)  # (m, sum 2^x, sum 2^x x, target logit) per split
     args = _forward_args(hidden, weight, _bias_or_zeros(bias, weight), ids, order, count, parts, per_split, inv_tau)
-    _fwd_kernel[(row_blocks * splits,)](
+    launch(
+        _fwd_kernel,
+        (row_blocks * splits,),
+        hidden.device,
         *args,
         BLOCK_N=cfg.block_n,
         BLOCK_V=cfg.block_v,
@@ -685,8 +717,14 @@ def linear_stats_forward(hidden, weight, bias, ids, active, inv_tau: float, with
         num_warps=cfg.num_warps,
     )
     merge = _merge_args(parts, ids, order, count, logp, entropy, lse, v, inv_tau)
-    _merge_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
-        *merge, BLOCK_N=MERGE_BLOCK, WITH_ENTROPY=bool(with_entropy), num_warps=MERGE_BLOCK // 64
+    launch(
+        _merge_kernel,
+        (triton.cdiv(n, MERGE_BLOCK),),
+        hidden.device,
+        *merge,
+        BLOCK_N=MERGE_BLOCK,
+        WITH_ENTROPY=bool(with_entropy),
+        num_warps=MERGE_BLOCK // 64,
     )
     return logp, entropy, lse
 
@@ -769,13 +807,11 @@ def linear_stats_backward(
     if deterministic:
         grad_h, grad_w, grad_b = _empty((n, h), device), _empty((v, h), device), _empty((v,), device)
         cfg = block_config(hidden.dtype, "backward_hidden")
-        _bwd_hidden_kernel[(triton.cdiv(n, cfg.block_n),)](
-            *_hidden_args(hidden, weight, full_bias, rows, grad_h, inv_tau), **_meta(cfg), **flags
-        )
+        args = _hidden_args(hidden, weight, full_bias, rows, grad_h, inv_tau)
+        launch(_bwd_hidden_kernel, (triton.cdiv(n, cfg.block_n),), device, *args, **_meta(cfg), **flags)
         cfg = block_config(hidden.dtype, "backward_weight")
-        _bwd_weight_kernel[(triton.cdiv(v, cfg.block_v),)](
-            *_weight_args(hidden, weight, full_bias, rows, grad_w, grad_b, inv_tau), **_meta(cfg), **flags
-        )
+        args = _weight_args(hidden, weight, full_bias, rows, grad_w, grad_b, inv_tau)
+        launch(_bwd_weight_kernel, (triton.cdiv(v, cfg.block_v),), device, *args, **_meta(cfg), **flags)
     else:
         grad_h, grad_w, grad_b = (torch.zeros(s, dtype=torch.float32, device=device) for s in ((n, h), (v, h), (v,)))
         cfg = block_config(hidden.dtype, "backward_fused")
@@ -783,7 +819,7 @@ def linear_stats_backward(
         if grid[0] > _MAX_INDEX:
             raise ValueError(f"N x V = {n} x {v} needs {grid[0]} programs (> 2**31 - 1); use deterministic=True")
         args = _fused_args(hidden, weight, full_bias, rows, grad_h, grad_w, grad_b, inv_tau)
-        _bwd_fused_kernel[grid](*args, **_meta(cfg), GROUP_N=GROUP_N, **flags)
+        launch(_bwd_fused_kernel, grid, device, *args, **_meta(cfg), GROUP_N=GROUP_N, **flags)
     return grad_h, grad_w, None if bias is None else grad_b
 
 

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .launch import launch
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_BLOCK_V = 1024
 _MAX_BLOCK_V = 4096
@@ -382,7 +384,15 @@ def token_stats_forward(logits, ids, active, temperature: float, with_entropy: b
         return logp, entropy, lse
     block_v, num_warps = block_config(v, "forward")
     args = _forward_args(logits, ids, active, logp, entropy, lse, inv_tau)
-    _token_stats_fwd_kernel[(b * t,)](*args, BLOCK_V=block_v, WITH_ENTROPY=bool(with_entropy), num_warps=num_warps)
+    launch(
+        _token_stats_fwd_kernel,
+        (b * t,),
+        logits.device,
+        *args,
+        BLOCK_V=block_v,
+        WITH_ENTROPY=bool(with_entropy),
+        num_warps=num_warps,
+    )
     return logp, entropy, lse
 
 
@@ -417,7 +427,10 @@ def token_stats_backward(
         return out
     block_v, num_warps = block_config(v, "backward")
     args = _backward_args(logits, ids, active, lse, entropy, grad_logp, grad_entropy, out, inv_tau)
-    _token_stats_bwd_kernel[(b * t,)](
+    launch(
+        _token_stats_bwd_kernel,
+        (b * t,),
+        logits.device,
         *args,
         BLOCK_V=block_v,
         HAS_GRAD_ENTROPY=grad_entropy is not None,

@@ -1,12 +1,24 @@
 """Test-session setup. With no CUDA device the Triton kernels run under the interpreter, which must be
-switched on before triton is first imported (torch does not import triton eagerly)."""
+switched on before triton is first imported (torch does not import triton eagerly).
 
+Tests marked ``triton`` run Triton kernels: on a CUDA host on the GPU with real kernels, elsewhere on
+the CPU under the interpreter. Their tensors get there through one mechanism (``_triton_placement``):
+on a CUDA host, every tensor test code makes with a factory function (torch.randn, torch.zeros, ...)
+without an explicit device is moved to the GPU, after being drawn on the CPU, so seeded inputs are the
+same values on both hosts. A test that launches a kernel without the marker fails, so
+``pytest -m triton`` selects them all.
+"""
+
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -19,6 +31,82 @@ os.environ["TRACKIO_DIR"] = TRACKIO_DIR
 
 def pytest_unconfigure(config):
     shutil.rmtree(TRACKIO_DIR, ignore_errors=True)
+
+
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_FACTORIES = {torch.randn, torch.rand, torch.randint, torch.randperm, torch.zeros, torch.ones, torch.full,
+              torch.empty, torch.tensor, torch.arange, torch.linspace, torch.eye}  # fmt: skip
+
+
+class FactoriesOn(TorchFunctionMode):
+    """Factory calls made by test code (files under tests/) without ``device=`` make their tensor on the
+    CPU (with the caller's CPU generator, if any) and return it moved to ``device``. Calls that name a
+    device, and every call made by library code, are left alone: grpo_fast runs as it would for a user."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = torch.device(device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _FACTORIES and kwargs.get("device") is None and _called_from_tests():
+            return out.to(self.device)
+        return out
+
+
+def _called_from_tests() -> bool:
+    """Whether the first frame outside torch and this file belongs to a file under tests/."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename == __file__ or _in(frame, _TORCH)):
+        frame = frame.f_back
+    return frame is not None and _in(frame, _TESTS)
+
+
+def _in(frame, directory: Path) -> bool:
+    return Path(frame.f_code.co_filename).resolve().is_relative_to(directory)
+
+
+_TESTS = Path(__file__).resolve().parent
+_TORCH = Path(torch.__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items):
+    """A test parametrized with backend="triton" runs the kernels: it gets the ``triton`` marker."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend") == "triton" or params.get("loss_backend") == "triton":
+            item.add_marker(pytest.mark.triton)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the Triton tests: the GPU where CUDA is present, else the CPU (interpreter)."""
+    return TRITON_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _triton_placement(request, monkeypatch):
+    if request.node.get_closest_marker("triton") is None:
+        _refuse_launches(monkeypatch, request.node.nodeid)
+        yield
+    elif TRITON_DEVICE.type == "cuda":
+        with FactoriesOn(TRITON_DEVICE):
+            yield
+    else:
+        yield
+
+
+def _refuse_launches(monkeypatch, test: str) -> None:
+    if importlib.util.find_spec("triton") is None:
+        return
+    from grpo_fast.kernels import linear_token_stats, token_stats
+
+    def refuse(kernel, *args, **kwargs):
+        raise AssertionError(f"{test} launches a Triton kernel: mark it @pytest.mark.triton")
+
+    for module in (token_stats, linear_token_stats):
+        monkeypatch.setattr(module, "launch", refuse)
 
 
 @pytest.fixture(scope="module")

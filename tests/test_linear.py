@@ -177,6 +177,7 @@ TRITON_CASES = [("grpo", "token", 0.0, 1.0), ("dapo", "sequence", 0.05, 0.7), ("
 
 @pytest.mark.parametrize("loss_type,level,entropy_coef,temperature", TRITON_CASES)
 @pytest.mark.parametrize("off_policy", (True, False))
+@pytest.mark.triton
 def test_triton_backend_through_the_public_api(loss_type, level, entropy_coef, temperature, off_policy):
     """backend="triton" (under TRITON_INTERPRET=1 on CPU) against the float64 reference, fp32 inputs."""
     cfg = gf.LossConfig(loss_type=loss_type, importance_sampling_level=level, entropy_coef=entropy_coef,
@@ -188,6 +189,7 @@ def test_triton_backend_through_the_public_api(loss_type, level, entropy_coef, t
     torch.testing.assert_close(out.logprobs.double(), ref_out.logprobs.double(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.triton
 def test_triton_linear_token_logprobs_matches_torch_backend():
     hidden, weight, b, ids, _, mask, _, _ = _inputs(5)
     args = (hidden.float(), weight.float(), ids, b.float())

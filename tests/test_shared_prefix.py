@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from llama_family import CONFIGS, V
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 
 from grpo_fast import shared_prefix, toy
@@ -85,6 +87,53 @@ def test_hidden_states_and_gradients_equal_the_full_forward(name, attention, mon
         torch.testing.assert_close(after[n], expected[n], rtol=1e-4, atol=5e-6 * scale, msg=n)
     # the prompt pass's share arrived in backward(): the embedding gradient changed there
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def _cuda_sdpa_dispatch(real):
+    """Stands in for CUDA's choice of kernel for a masked ``scaled_dot_product_attention``: the flash kernel
+    takes no mask and the memory-efficient one no grouped heads (``enable_gqa``), so masked grouped-head
+    attention gets the math kernel (which saves the probabilities for backward); other masked calls a
+    fused kernel (here the CPU flash one, which saves only its output and log-sum-exp)."""
+
+    def sdpa(q, k, v, attn_mask=None, *args, enable_gqa=False, **kwargs):
+        grouped = enable_gqa and q.shape[1] != k.shape[1]
+        backend = SDPBackend.MATH if attn_mask is not None and grouped else SDPBackend.FLASH_ATTENTION
+        with sdpa_kernel(backend):
+            return real(q, k, v, attn_mask, *args, enable_gqa=enable_gqa, **kwargs)
+
+    return sdpa
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral"])  # grouped key/value heads
+def test_cuda_attention_path_saves_no_probabilities(name, monkeypatch):
+    """The branch CUDA takes (SDPA with the prompt/causal mask), with CUDA's kernel choice: no saved
+    (B, heads, n, P + n) (or prompt pass (P_n, heads, P, P)) tensor, and the model's own hidden states
+    and gradients."""
+    monkeypatch.setattr(shared_prefix, "SMALL_SCORES", 0)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _cuda_sdpa_dispatch(F.scaled_dot_product_attention))
+    model, g = _model(name), 3
+    ids, mask, completions = _grouped_batch(g=g)
+    weights = torch.randn(completions.shape + (model.config.hidden_size,), generator=torch.Generator().manual_seed(2))
+    full = completion_hidden(backbone_and_head(model)[0], ids, mask, completions)
+    (full * weights).sum().backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    saved = []
+    forward = SharedPrefixForward(model)
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        prompts = forward.prompt_pass(ids[::g], mask[::g])
+        hidden = forward.completion_hidden(prompts, torch.arange(len(ids)) // g, completions)
+    (hidden * weights).sum().backward()
+    b, p, n, heads = len(ids), ids.shape[1], completions.shape[1] - 1, model.config.num_attention_heads
+    probabilities = {(b, heads, n, p + n), (b // g, heads, p, p)}
+    assert not probabilities & {tuple(s) for s in saved}, "the attention saved its probabilities"
+    torch.testing.assert_close(hidden, full, rtol=1e-5, atol=1e-5)
+    grads = _grads(model)
+    assert set(grads) == set(expected)
+    for key in expected:
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(grads[key], expected[key], rtol=1e-4, atol=5e-6 * scale, msg=key)
 
 
 def test_forward_only_pass_keeps_no_graph_and_matches():

@@ -28,6 +28,7 @@ from grpo_fast import reference as R
 from grpo_fast.kernels import linear_token_stats as lts
 from grpo_fast.ops import linear_loss, linear_triton
 
+pytestmark = pytest.mark.triton
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -21,6 +21,7 @@ from tolerances import assert_close, assert_no_worse, tolerance
 from grpo_fast import reference as R
 from grpo_fast.kernels import token_stats as ts
 
+pytestmark = pytest.mark.triton
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = (F32, F16, BF16)
 # V below the smallest block (37, 300), inside one block (1000, 2053), over three blocks of 4096 (9001)
@@ -200,7 +201,7 @@ def test_in_place_backward_equals_out_of_place(dtype):
     assert torch.equal(got, expected)
 
 
-def test_int64_row_offsets():
+def test_int64_row_offsets(device):
     """Rows 2**32 + 16 elements apart from row 0, with strides that fit int32.
 
     An int32 offset would wrap to 16 and silently read row 0's neighbourhood. The storage is ~8.6 GB
@@ -209,7 +210,7 @@ def test_int64_row_offsets():
     """
     v, stride = 64, 2**30 + 4
     try:
-        storage = torch.empty(4 * stride + v, dtype=F16)
+        storage = torch.empty(4 * stride + v, dtype=F16, device=device)  # made there: never copied
     except RuntimeError as err:  # an allocator that refuses 8.6 GB of address space
         pytest.skip(f"cannot reserve 8.6 GB of virtual memory: {err}")
     logits = storage.as_strided((5, 1, v), (stride, v, 1))  # (B, T, V); b * stride_b > 2**32 for b = 4

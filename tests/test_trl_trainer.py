@@ -14,6 +14,7 @@ Run: pytest tests/test_trl_trainer.py   (importing trl takes a few seconds)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import subprocess
 import sys
@@ -57,7 +58,14 @@ def _tiny(directory, **config):
     return tok, model, data, len(tok)
 
 
+# TrainingArguments' name for activation checkpointing (transformers 5.23 renamed gradient_checkpointing and
+# warns on the old name, which TRL's GRPOConfig would otherwise set by default)
+CHECKPOINTING = next((f.name for f in dataclasses.fields(GRPOConfig) if f.name == "activation_checkpointing"),
+                     "gradient_checkpointing")  # fmt: skip
+
+
 def _args(out, **overrides) -> GRPOConfig:
+    overrides[CHECKPOINTING] = overrides.pop("gradient_checkpointing", False)
     kwargs = dict(
         output_dir=str(out),
         per_device_train_batch_size=B,
@@ -67,7 +75,6 @@ def _args(out, **overrides) -> GRPOConfig:
         beta=0.0,
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
         report_to="none",
         save_strategy="no",
         seed=0,

@@ -93,9 +93,7 @@ def chunk_stats(z: torch.Tensor, ids: torch.Tensor, inv_tau: float, logp_out: to
         z.mul_(inv_tau)
     logp_v = torch._log_softmax(z, 1, False, out=logp_out[: z.shape[0]])  # (C, V)
     p = torch.exp(logp_v, out=z)
-    entropy = -torch.bmm(p.unsqueeze(1), logp_v.unsqueeze(2)).view(-1)  # sum_v p log p, no (C, V) temporary
-    if torch.isnan(entropy).any():  # only a -inf logit (p = 0, log p = -inf) gets here: it adds 0
-        entropy = -torch.where(p > 0, p * logp_v, torch.zeros_like(p)).sum(-1)
+    entropy = token_stats.expected_value(p, logp_v).neg_()  # -sum_v p log p; p = 0 entries add 0
     logp = logp_v.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return logp, entropy, p, logp_v
 
@@ -110,7 +108,7 @@ def chunk_logprobs(z: torch.Tensor, ids: torch.Tensor, inv_tau: float, logp_out:
 
 def chunk_grad_logits(logp_v, p, entropy, ids, dlogp, dent, inv_tau: float) -> torch.Tensor:
     """g = (dlogp (onehot - p) - dH p (log p + H)) / tau, reusing the (C, V) buffers logp_v and p."""
-    if dent is None or not bool((dent != 0).any()):
+    if dent is None:
         g = p.mul_((-dlogp * inv_tau).unsqueeze(-1))
     else:
         logp_v.masked_fill_(logp_v.isneginf(), 0.0)  # p log p -> 0 where p = 0
@@ -150,6 +148,11 @@ def _all_rows(r: torch.Tensor) -> torch.Tensor:
 def forward_stats(hidden2d, weight, bias, ids, rows, inv_tau: float, chunk: int, with_entropy: bool):
     """Forward-only (logp, entropy) at ``rows`` of (N, H) hidden states: 1 GEMM, chunked. On CPU the
     statistics are token_stats' compiled row reductions over the chunk's logits (one (C, V) buffer)."""
+    with fp32_math(hidden2d.device):
+        return _forward_stats(hidden2d, weight, bias, ids, rows, inv_tau, chunk, with_entropy)
+
+
+def _forward_stats(hidden2d, weight, bias, ids, rows, inv_tau: float, chunk: int, with_entropy: bool):
     logp = hidden2d.new_zeros(rows.numel(), dtype=torch.float32)
     entropy = torch.zeros_like(logp)
     ws = Workspace(min(chunk, max(rows.numel(), 1)), weight, hidden2d.dtype)
@@ -174,53 +177,79 @@ class LinearGRPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, ids, rows, standin, objective, inv_tau, chunk, metrics_out):
-        n, h = hidden2d.shape
-        grad_h = torch.zeros(n, h, dtype=hidden2d.dtype, device=hidden2d.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        logp_all = standin.clone()  # (B, T) filled in chunk by chunk
-        ent_all = torch.zeros_like(standin)
-        ws = Workspace(min(chunk, max(rows.numel(), 1)), weight, hidden2d.dtype)
-        compiled = weight.device.type == "cpu" and weight.shape[0] >= _COMPILED_MIN_VOCAB
-        for start in range(0, rows.numel(), chunk):
-            r = rows[start : start + chunk]
-            h_c = hidden2d[r]  # (C, H)
-            z = ws.logits(h_c, weight, bias)
-            if compiled:
-                lp, ent, norm = token_stats.forward_cpu(z[None], ids[r][None], _all_rows(r), inv_tau, True)
-                lp, ent = lp[0], ent[0]
-            else:
-                lp, ent, p, logp_v = chunk_stats(z, ids[r], inv_tau, ws.p)
-            d_lp, d_ent = chunk_coefficients(objective, logp_all, ent_all, r, lp, ent)
-            logp_all.view(-1)[r] = lp
-            ent_all.view(-1)[r] = ent
-            if compiled:  # g written over z
-                d_ent = None if d_ent is None or not bool((d_ent != 0).any()) else d_ent[None]
-                z3, ids3 = z[None], ids[r][None]
-                token_stats.grad_cpu(z3, ids3, _all_rows(r), norm, ent[None], d_lp[None], d_ent, inv_tau, out=z3)
-                g = z
-            else:
-                g = chunk_grad_logits(logp_v, p, ent, ids[r], d_lp, d_ent, inv_tau)  # (C, V) float32
-            _accumulate_grads(g, h_c, weight, r, grad_h, grad_w, grad_b, ws)
-        loss, metrics = objective(logp_all, ent_all)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        with fp32_math(hidden2d.device):
+            loss, logp_all, grads, metrics = _loss_and_grads(hidden2d, weight, bias, ids, rows, standin, objective,
+                                                             inv_tau, chunk)  # fmt: skip
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(logp_all)
         metrics_out.update(metrics)
         return loss.detach(), logp_all
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        if bool(grad_loss != 1):  # the usual loss.backward() passes 1: no (V, H)-sized copy then
-            scale = grad_loss.to(torch.float32)
-            grad_h = grad_h * scale.to(grad_h.dtype)
-            grad_w = grad_w * scale
-            grad_b = None if grad_b is None else grad_b * scale
-        grad_w = narrow_in_place(grad_w, ctx.weight_dtype)
-        grad_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return *saved_grads(ctx, grad_loss), None, None, None, None, None, None, None
+
+
+def saved_grads(ctx, grad_loss: torch.Tensor) -> tuple:
+    """(grad_h, grad_w, grad_b) formed in forward (``ctx.saved_tensors``, fp32 accumulators) times the
+    upstream gradient, in the inputs' dtypes (``ctx.dtypes``), in place: no (V, H)-sized copy.
+
+    The factor is applied even when it is loss.backward()'s 1: finding that out would be a host
+    synchronisation (a stalled stream, a broken CUDA-graph capture), while the multiply is one pass over
+    the (V, H) accumulator, small next to the GEMMs that formed it. Because the saved tensors are
+    overwritten, a second backward is refused.
+    """
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("the fused head loss supports one backward per forward (its saved gradients are "
+                           "scaled in place); compute the loss again to backpropagate again")  # fmt: skip
+    ctx.consumed = True
+    scale = grad_loss.to(torch.float32)
+    grads = [None if g is None else g.mul_(scale.to(g.dtype)) for g in ctx.saved_tensors]
+    h_dtype, w_dtype, b_dtype = ctx.dtypes
+    grad_h, grad_w, grad_b = grads
+    grad_w = narrow_in_place(grad_w, w_dtype)
+    return grad_h.to(h_dtype), grad_w, None if grad_b is None else grad_b.to(b_dtype)
+
+
+def fp32_math(device: torch.device):
+    """A caller's autocast switched off: the chunked head computes in the precision it chooses (its fp32
+    products and reductions would otherwise run in bf16, the logits gradient too)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _loss_and_grads(hidden2d, weight, bias, ids, rows, standin, objective, inv_tau, chunk):
+    """LinearGRPOFunction's work: (loss, logp (B, T), (grad_h, grad_w, grad_b), metrics)."""
+    n, h = hidden2d.shape
+    grad_h = torch.zeros(n, h, dtype=hidden2d.dtype, device=hidden2d.device)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    logp_all = standin.clone()  # (B, T) filled in chunk by chunk
+    ent_all = torch.zeros_like(standin)
+    ws = Workspace(min(chunk, max(rows.numel(), 1)), weight, hidden2d.dtype)
+    compiled = weight.device.type == "cpu" and weight.shape[0] >= _COMPILED_MIN_VOCAB
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start : start + chunk]
+        h_c = hidden2d[r]  # (C, H)
+        z = ws.logits(h_c, weight, bias)
+        if compiled:
+            lp, ent, norm = token_stats.forward_cpu(z[None], ids[r][None], _all_rows(r), inv_tau, True)
+            lp, ent = lp[0], ent[0]
+        else:
+            lp, ent, p, logp_v = chunk_stats(z, ids[r], inv_tau, ws.p)
+        d_lp, d_ent = chunk_coefficients(objective, logp_all, ent_all, r, lp, ent)
+        logp_all.view(-1)[r] = lp
+        ent_all.view(-1)[r] = ent
+        if compiled:  # g written over z
+            d_ent = None if d_ent is None else d_ent[None]
+            z3, ids3 = z[None], ids[r][None]
+            token_stats.grad_cpu(z3, ids3, _all_rows(r), norm, ent[None], d_lp[None], d_ent, inv_tau, out=z3)
+            g = z
+        else:
+            g = chunk_grad_logits(logp_v, p, ent, ids[r], d_lp, d_ent, inv_tau)  # (C, V) float32
+        _accumulate_grads(g, h_c, weight, r, grad_h, grad_w, grad_b, ws)
+    loss, metrics = objective(logp_all, ent_all)
+    return loss, logp_all, (grad_h, grad_w, grad_b), metrics
 
 
 def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype, block: int = 1 << 20) -> torch.Tensor:

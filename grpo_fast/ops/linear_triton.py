@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .linear_loss import narrow_in_place
+from .linear_loss import saved_grads
 
 
 def _kernels():
@@ -52,9 +52,7 @@ def objective_coefficients(objective: Callable, logp: torch.Tensor, entropy: tor
         loss, metrics = objective(lp, ent)
         d_lp, d_ent = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
     d_lp = torch.zeros_like(lp) if d_lp is None else d_lp
-    if d_ent is not None and not bool((d_ent != 0).any()):
-        d_ent = None  # no entropy bonus: the kernels skip the entropy term of the gradient
-    return loss.detach(), metrics, d_lp, d_ent
+    return loss.detach(), metrics, d_lp, d_ent  # d_ent None (no entropy bonus): the kernels skip its term
 
 
 class LinearGRPOTritonFunction(torch.autograd.Function):
@@ -88,13 +86,4 @@ class LinearGRPOTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        if bool(grad_loss != 1):  # the usual loss.backward() passes 1: no (V, H)-sized copy then
-            scale = grad_loss.to(torch.float32)
-            grad_h, grad_w = grad_h * scale, grad_w * scale
-            grad_b = None if grad_b is None else grad_b * scale
-        grad_h = grad_h.to(h_dtype)
-        grad_w = narrow_in_place(grad_w, w_dtype)
-        grad_b = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return *saved_grads(ctx, grad_loss), None, None, None, None, None, None, None

@@ -79,7 +79,7 @@ def _forward_torch(logits, ids, active, inv_tau: float, with_entropy: bool):
         norm[i, t0:t1, 1] = log_s
         logp[i, t0:t1] = x.gather(-1, ids[i, t0:t1].unsqueeze(-1)).view(-1) - log_s
         if with_entropy:
-            entropy[i, t0:t1] = log_s - _expected_logit(p, x) / s.view(-1)
+            entropy[i, t0:t1] = log_s - expected_value(p, x) / s.view(-1)
     return logp, entropy, norm
 
 
@@ -201,12 +201,23 @@ def _baseless(t: torch.Tensor) -> torch.Tensor:
     return alias.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
-def _expected_logit(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """sum_v p_v z_v per row with no (M, V) temporary; -inf logits (p = 0) contribute 0, not NaN."""
-    pz = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
-    if torch.isnan(pz).any():
-        pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
-    return pz
+_DOT_ELEMENTS = 1 << 20  # elements of one row block's product temporary in ``expected_value`` (4 MB fp32)
+
+
+def expected_value(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v z_v per row of (M, V) float32 tensors, exactly in fp32; entries with p = 0 (logit -inf,
+    z = -inf) contribute 0, not NaN.
+
+    Elementwise products and sums in row blocks, not a matmul: a matmul would run in bf16 under a
+    caller's autocast and in TF32 with ``allow_tf32`` (entropy errors ~1e-3), and this needs no check of
+    the result on the host. The temporary is one block, never (M, V).
+    """
+    rows = max(1, _DOT_ELEMENTS // max(p.shape[-1], 1))
+    out = p.new_empty(p.shape[0], dtype=torch.float32)
+    for r in range(0, p.shape[0], rows):
+        pb, zb = p[r : r + rows], z[r : r + rows]
+        torch.sum(torch.where(pb > 0, pb * zb, 0.0), -1, out=out[r : r + rows])
+    return out
 
 
 def _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau: float, out):
@@ -285,8 +296,6 @@ def _(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, use_
 
 def _backward(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, use_triton, out):
     grad_logp = grad_logp.float().contiguous()
-    if grad_entropy is not None and not bool(grad_entropy.any()):
-        grad_entropy = None  # autograd materialises zeros for an entropy used only as a metric: skip its term
     if grad_entropy is not None:
         grad_entropy = grad_entropy.float().contiguous()
     if use_triton:
@@ -304,10 +313,15 @@ def _setup_context(ctx, inputs, output):
     _, entropy, norm = output
     ctx.save_for_backward(logits, ids, active, norm, entropy)
     ctx.inv_tau, ctx.with_entropy, ctx.use_triton = inv_tau, with_entropy, use_triton
+    # an output nothing differentiates (the entropy of a loss without entropy bonus) gets None, not zeros:
+    # its term is then skipped without looking at the values (no host synchronisation)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_fn(ctx, grad_logp, grad_entropy, _grad_lse):
     logits, ids, active, norm, entropy = ctx.saved_tensors
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None, None, None
     if grad_logp is None:
         grad_logp = torch.zeros_like(entropy)
     if not ctx.with_entropy:
@@ -334,11 +348,13 @@ class _InplaceTokenStats(torch.autograd.Function):
         ctx.save_for_backward(logits, ids, active, norm, entropy)
         ctx.inv_tau, ctx.with_entropy, ctx.use_triton = inv_tau, with_entropy, use_triton
         ctx.mark_non_differentiable(norm)
+        ctx.set_materialize_grads(False)  # as _setup_context
         return logp, entropy, norm
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_lse):
         logits, ids, active, norm, entropy = ctx.saved_tensors
+        grad_logp = torch.zeros_like(entropy) if grad_logp is None else grad_logp
         grad_entropy = grad_entropy if ctx.with_entropy else None
         out = logits.detach()
         _backward(logits, ids, active, norm, entropy, grad_logp, grad_entropy, ctx.inv_tau, ctx.use_triton, out)
