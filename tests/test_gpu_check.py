@@ -112,6 +112,7 @@ def test_an_uninstalled_checkout_is_told_to_install(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- the parts, in this process
+@pytest.mark.triton  # the op check runs the Triton backend (under the interpreter here)
 @pytest.mark.parametrize("h", [0, 16], ids=["from_logits", "from_hidden"])
 def test_op_check_reference_by_sequence_chunks_equals_the_whole(monkeypatch, h):
     """On a GPU the float64 reference runs one sequence at a time (the dry run's tiny batch fits one chunk):
