@@ -204,16 +204,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     lines = sorted({(r["hidden"], r["beta"]) for r in rows})
-    for hidden, beta in lines:
+    for i, (hidden, beta) in enumerate(lines):  # one colour per (H, beta); TRL dashed
         pairs = [(o, t) for o, t in _pairs(rows) if (o["hidden"], o["beta"]) == (hidden, beta)
                  and o["median_s"] is not None and t["median_s"] is not None]  # fmt: skip
         if not pairs:
             continue
         v = [o["vocab"] for o, _ in pairs]
         label = f"H {hidden}, beta {beta:g}"
-        left.plot(v, [t["median_s"] / o["median_s"] for o, t in pairs], marker="o", label=label)
-        right.plot(v, [o["peak_extra_mib"] for o, _ in pairs], marker="o", label=f"grpo_fast, {label}")
-        right.plot(v, [t["peak_extra_mib"] for _, t in pairs], marker="s", linestyle="--", label=f"TRL, {label}")
+        left.plot(v, [t["median_s"] / o["median_s"] for o, t in pairs], marker="o", color=f"C{i}", label=label)
+        right.plot(v, [o["peak_extra_mib"] for o, _ in pairs], marker="o", color=f"C{i}", label=f"grpo_fast, {label}")
+        right.plot(v, [t["peak_extra_mib"] for _, t in pairs], marker="s", linestyle="--", color=f"C{i}",
+                   label=f"TRL, {label}")  # fmt: skip
     left.axhline(1.0, color="grey", linewidth=0.8)
     left.set(xscale="log", xlabel="vocabulary size", ylabel="TRL step time / grpo_fast step time",
              title="step time ratio (higher: grpo_fast faster)")  # fmt: skip
