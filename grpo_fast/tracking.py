@@ -24,6 +24,7 @@ whose id ``logging_dir/tracking.json`` recorded; trackio reopens the run of the 
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import json
 import os
@@ -109,18 +110,20 @@ class RunInfo:
         return ids[backend], True
 
 
-class Tracker:
+class Tracker(abc.ABC):
     """One run in one backend. Metrics are {name: number}; completions are rows {column: value}."""
 
+    @abc.abstractmethod
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+        """Log every metric at ``step``."""
 
+    @abc.abstractmethod
     def log_completions(self, rows: list[dict], step: int) -> None:
-        raise NotImplementedError
+        """Log the rows as one table at ``step``."""
 
+    @abc.abstractmethod
     def finish(self, failed: bool = False) -> None:
         """End the run; ``failed``: it ended with an exception (W&B and MLflow mark it so)."""
-        raise NotImplementedError
 
 
 class TensorBoardTracker(Tracker):
