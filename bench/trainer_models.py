@@ -19,7 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from grpo_fast import toy
-from grpo_fast.rewards import accuracy_reward
+from grpo_fast.trainer.rewards import accuracy_reward
 
 # name -> Qwen2Config fields besides the tokenizer's ids (None: the demo's model)
 MODELS = {

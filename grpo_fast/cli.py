@@ -29,11 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from . import configio, tracking
+from .trainer import configio, tracking
+from .trainer.data import load_data_file
 
 RUN_ARGUMENTS_FILE = "run_arguments.yaml"
 REPORT_TO_HELP = "experiment trackers, comma-separated: tensorboard, wandb, trackio, mlflow; all; none (default)"
-DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def _key(default, help: str):
@@ -261,8 +261,8 @@ def load_train_config(path: str | None, overrides: list[str]):
 
 def _train(args, rest) -> int:
     from . import toy
-    from .modeling import load_model
     from .trainer import GRPOTrainer
+    from .trainer.modeling import load_model
 
     config, run = load_train_config(args.config, [*_given_keys(args), *rest])
     device = _device(run.device)
@@ -334,25 +334,13 @@ def _datasets(dataset: str, eval_dataset: str | None, seed: int):
     return load_data_file(dataset), (None if eval_dataset is None else load_data_file(eval_dataset))
 
 
-def load_data_file(path: str):
-    """A local json/jsonl/csv/parquet file as a ``datasets.Dataset`` (no network)."""
-    from datasets import load_dataset
-
-    suffix = Path(path).suffix.lower()
-    if suffix not in DATA_FORMATS:
-        raise configio.ConfigError(f"dataset file must end in one of {sorted(DATA_FORMATS)}, got {path!r}")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
-    return load_dataset(DATA_FORMATS[suffix], data_files=path, split="train")
-
-
 def _eval(args, rest) -> int:
     import torch
     from transformers import AutoTokenizer
 
     from . import toy
-    from .evaluation import evaluate
-    from .modeling import load_model
+    from .trainer.evaluation import evaluate
+    from .trainer.modeling import load_model
 
     name = args.dataset or _run_eval_dataset(args.model)
     dataset = toy.make_splits()["test"] if name == "toy" else load_data_file(name)

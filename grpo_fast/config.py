@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
 PPO_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# loss types whose normaliser divides by the number of sequences B (reference.aggregation_weights)
+PER_SEQUENCE_NORMALISED = ("grpo", "sapo", "dr_grpo", "luspo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 

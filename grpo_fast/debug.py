@@ -34,8 +34,6 @@ from collections.abc import Iterator
 
 import torch
 
-from .validation import data_checks_enabled
-
 ENV_VAR = "GRPO_FAST_DEBUG"
 _ON = ("1", "true", "yes", "on")
 _OFF = ("", "0", "false", "no", "off")
@@ -75,6 +73,12 @@ def detect_nonfinite(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _forced.reset(token)
+
+
+def data_checks_enabled() -> bool:
+    """Checks that read tensor values (a host sync on CUDA) run eagerly, not inside torch.compile,
+    where they would break the graph; compiled code is validated by its eager first run or tests."""
+    return not torch.compiler.is_compiling()
 
 
 def check_inputs(active: torch.Tensor, ids: torch.Tensor, **tensors: torch.Tensor | None) -> None:

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from . import toy
-from .evaluation import evaluate
 from .plotting import plot_run
-from .rewards import accuracy_reward, format_reward
-from .sft import SFTConfig, sft_train
-from .tracking import resolve_report_to
 from .trainer import GRPOConfig, GRPOTrainer, MetricsLog
+from .trainer.evaluation import evaluate
+from .trainer.rewards import accuracy_reward, format_reward
+from .trainer.sft import SFTConfig, sft_train
+from .trainer.tracking import resolve_report_to
 
 MAX_COMPLETION_LENGTH = 40  # the longest target is 35 tokens; room for a little rambling
 ACCURACY = "rewards/accuracy_reward/mean"

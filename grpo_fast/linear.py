@@ -12,28 +12,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import debug, reference
+from . import reference
 from .config import LossConfig
-from .loss import (
-    LossOutput,
-    TokenLogprobs,
-    active_mask,
-    check_config,
-    check_config_inputs,
-    check_loss_inputs,
-    token_logprobs,
-    usable_ids,
-)
+from .loss import LossOutput, TokenLogprobs, token_logprobs
 from .ops import linear_loss as ops
 from .ops import linear_triton as triton_ops
 from .validation import (
     FLOAT_DTYPES,
+    as_float,
     check_backend,
+    check_config,
+    check_config_inputs,
     check_float,
-    check_ids,
-    check_same_device,
+    check_loss_inputs,
     check_shape,
     check_tensor,
+    checked_ids,
 )
 
 
@@ -72,25 +66,12 @@ def linear_grpo_loss(
     config = check_config(config)
     b, t, hidden2d = _check_head(hidden, weight, bias, completion_ids)
     check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio, "hidden")
-    active = active_mask(completion_mask, (b, t), "completion_mask", completion_ids.device)
-    check_same_device(
-        hidden=hidden,
-        weight=weight,
-        bias=bias,
-        completion_ids=completion_ids,
-        advantages=advantages,
-        completion_mask=completion_mask,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        importance_ratio=importance_ratio,
-    )
-    check_ids("completion_ids", completion_ids, weight.shape[0], completion_mask)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
+    scores = {"hidden": hidden, "weight": weight, "bias": bias}
+    active, ids = checked_ids(scores, weight.shape[0], "completion_ids", completion_ids, "completion_mask",
+                              completion_mask, advantages=advantages, old_logprobs=old_logprobs,
+                              ref_logprobs=ref_logprobs, importance_ratio=importance_ratio)  # fmt: skip
     backend = check_backend(backend, hidden.device, _head_dtype(hidden, weight, bias))
-    ids = usable_ids(completion_ids, active, completion_mask)
-    debug.check_inputs(active, ids, hidden=hidden, weight=weight, bias=bias, advantages=advantages,
-                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                       importance_ratio=importance_ratio)  # fmt: skip
     if backend == "reference":
         logits = _reference_logits(hidden2d, weight, bias).view(b, t, weight.shape[0])  # (B, T, V)
         mask = active.to(logits.dtype)
@@ -100,8 +81,8 @@ def linear_grpo_loss(
         return _finish_linear(loss.float(), logp.float(), active.float(), metrics, hidden2d, weight, bias)
     mask = active.float()
     cast = {"dtype": torch.float32}
-    adv, old, ref = advantages.to(**cast), _float(old_logprobs), _float(ref_logprobs)
-    ratio = _float(importance_ratio)
+    adv, old, ref = advantages.to(**cast), as_float(old_logprobs), as_float(ref_logprobs)
+    ratio = as_float(importance_ratio)
 
     def objective(logp, entropy):
         return reference.grpo_objective(logp, entropy, adv, mask, old, ref, config, ratio, num_items_in_batch)
@@ -152,12 +133,9 @@ def linear_token_logprobs(
     """
     temperature = check_float("temperature", temperature, minimum=0.0, strict=True)
     b, t, hidden2d = _check_head(hidden, weight, bias, ids)
-    active = active_mask(mask, (b, t), "mask", ids.device)
-    check_same_device(hidden=hidden, weight=weight, bias=bias, ids=ids, mask=mask)
-    check_ids("ids", ids, weight.shape[0], mask)
+    scores = {"hidden": hidden, "weight": weight, "bias": bias}
+    active, ids = checked_ids(scores, weight.shape[0], "ids", ids, "mask", mask)
     backend = check_backend(backend, hidden.device, _head_dtype(hidden, weight, bias))
-    ids = usable_ids(ids, active, mask)
-    debug.check_inputs(active, ids, hidden=hidden, weight=weight, bias=bias)
     with torch.no_grad():
         if backend == "reference":
             logits = _reference_logits(hidden2d, weight, bias).view(b, t, weight.shape[0])
@@ -267,7 +245,3 @@ def _reference_logits(hidden2d, weight, bias):
     dtype = torch.promote_types(torch.promote_types(hidden2d.dtype, weight.dtype), torch.float32)  # fp16 overflows
     logits = hidden2d.to(dtype) @ weight.to(dtype).T
     return logits if bias is None else logits + bias.to(dtype)
-
-
-def _float(x):
-    return None if x is None else x.float()

@@ -14,18 +14,20 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import debug, reference
+from . import reference
 from .config import LossConfig
 from .ops.token_stats import token_stats
 from .validation import (
     FLOAT_DTYPES,
+    as_float,
     check_backend,
+    check_config,
+    check_config_inputs,
     check_float,
-    check_ids,
-    check_same_device,
+    check_loss_inputs,
     check_shape,
     check_tensor,
-    data_checks_enabled,
+    checked_ids,
 )
 
 
@@ -70,12 +72,8 @@ def token_logprobs(
     check_tensor("logits", logits, 3, FLOAT_DTYPES)
     check_tensor("ids", ids, 2)
     check_shape("ids", ids, logits.shape[:2], "logits.shape[:2]")
-    active = active_mask(mask, ids.shape, "mask", ids.device)
-    check_same_device(logits=logits, ids=ids, mask=mask)
-    check_ids("ids", ids, logits.shape[-1], mask)
+    active, ids = checked_ids({"logits": logits}, logits.shape[-1], "ids", ids, "mask", mask)
     backend = check_backend(backend, logits.device, logits.dtype)
-    ids = usable_ids(ids, active, mask)
-    debug.check_inputs(active, ids, logits=logits)
     logp, entropy = _stats(logits, ids, active, temperature, return_entropy, backend)
     return TokenLogprobs(logp, entropy if return_entropy else None)
 
@@ -118,22 +116,11 @@ def grpo_loss(
     check_tensor("logits", logits, 3, FLOAT_DTYPES)
     b, t = logits.shape[:2]
     check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio, "logits")
-    active = active_mask(completion_mask, (b, t), "completion_mask", completion_ids.device)
-    check_same_device(
-        logits=logits,
-        completion_ids=completion_ids,
-        advantages=advantages,
-        completion_mask=completion_mask,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        importance_ratio=importance_ratio,
-    )
-    check_ids("completion_ids", completion_ids, logits.shape[-1], completion_mask)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
+    active, ids = checked_ids({"logits": logits}, logits.shape[-1], "completion_ids", completion_ids,
+                              "completion_mask", completion_mask, advantages=advantages, old_logprobs=old_logprobs,
+                              ref_logprobs=ref_logprobs, importance_ratio=importance_ratio)  # fmt: skip
     backend = check_backend(backend, logits.device, logits.dtype)
-    ids = usable_ids(completion_ids, active, completion_mask)
-    debug.check_inputs(active, ids, logits=logits, advantages=advantages, old_logprobs=old_logprobs,
-                       ref_logprobs=ref_logprobs, importance_ratio=importance_ratio)  # fmt: skip
     if backend == "reference":
         mask = active.to(_float_for(logits))
         loss, metrics, logp = reference.grpo_loss(
@@ -147,10 +134,10 @@ def grpo_loss(
         entropy,
         advantages.float(),
         mask,
-        _maybe_float(old_logprobs),
-        _maybe_float(ref_logprobs),
+        as_float(old_logprobs),
+        as_float(ref_logprobs),
         config,
-        _maybe_float(importance_ratio),
+        as_float(importance_ratio),
         num_items_in_batch,
     )
     return LossOutput(_finish(loss, logits), metrics, logp)
@@ -201,60 +188,3 @@ def _finish(loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def _float_for(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _maybe_float(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.float()
-
-
-def active_mask(mask, shape, name: str, device) -> torch.Tensor:
-    if mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    check_tensor(name, mask, 2)
-    check_shape(name, mask, shape, "(B, T) like the ids")
-    if mask.dtype != torch.bool and data_checks_enabled() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{name} must hold only 0 and 1, got other values")
-    return mask != 0
-
-
-def usable_ids(ids: torch.Tensor, active: torch.Tensor, mask) -> torch.Tensor:
-    """int64 ids with 0 at masked positions, where callers may leave padding such as -100; with no
-    ``mask`` every position is used and int64 ids are returned as they are (no copy)."""
-    return ids.long() if mask is None else ids.long().masked_fill(~active, 0)
-
-
-def check_config(config) -> LossConfig:
-    if config is None:
-        return LossConfig()
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a grpo_fast.LossConfig, got {type(config).__name__}")
-    return config
-
-
-def check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio, source):
-    """Shapes and dtypes of the (B, T)-sized arguments; ``source`` names the tensor that fixed B and T."""
-    check_tensor("completion_ids", completion_ids, 2)
-    check_shape("completion_ids", completion_ids, (b, t), f"{source}.shape[:2]")
-    check_tensor("advantages", advantages, (1, 2), FLOAT_DTYPES)
-    if advantages.shape not in ((b,), (b, t)):
-        raise ValueError(f"advantages must have shape ({b},) or ({b}, {t}), got {tuple(advantages.shape)}")
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if x is not None:
-            check_tensor(name, x, 2, FLOAT_DTYPES)
-            check_shape(name, x, (b, t), "(B, T) like completion_ids")
-    if importance_ratio is not None:
-        check_tensor("importance_ratio", importance_ratio, 2, FLOAT_DTYPES)
-        if importance_ratio.shape not in ((b, t), (b, 1)):
-            raise ValueError(
-                f"importance_ratio must have shape ({b}, {t}) or ({b}, 1), got {tuple(importance_ratio.shape)}"
-            )
-    return b, t
-
-
-def check_config_inputs(config: LossConfig, ref_logprobs, num_items_in_batch) -> None:
-    if config.beta != 0.0 and ref_logprobs is None:
-        raise ValueError(f"config.beta = {config.beta} > 0 needs ref_logprobs (B, T), got None")
-    if num_items_in_batch is not None and data_checks_enabled():
-        n = float(num_items_in_batch)
-        if not n >= 0:
-            raise ValueError(f"num_items_in_batch must be >= 0, got {n}")

@@ -51,12 +51,13 @@ from pathlib import Path
 
 import torch
 
-from . import configio, r1_toy, tracking
-from .checkpoint import latest_checkpoint
-from .evaluation import completion_id_lists, decode_completions, prompt_text
+from . import r1_toy
 from .language import language_consistency_reward
-from .rewards import accuracy_reward, format_reward, score_completions
-from .rollout import encode_prompts, generate
+from .trainer import configio, tracking
+from .trainer.checkpoint import latest_checkpoint
+from .trainer.evaluation import completion_id_lists, decode_completions, prompt_text
+from .trainer.rewards import accuracy_reward, format_reward, score_completions
+from .trainer.rollout import encode_prompts, generate
 
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "language": language_consistency_reward}
 STAGE_FILE = "stage.json"
@@ -65,7 +66,7 @@ STAGE_FILE = "stage.json"
 # ----------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class SFTStage:
-    """SFT on (prompt, completion) pairs; the loss is on the completion only (grpo_fast.sft).
+    """SFT on (prompt, completion) pairs; the loss is on the completion only (grpo_fast.trainer.sft).
 
     model: "new:teacher" / "new:student" (fresh r1_toy model), a stage name, or a model directory.
     data: "toy:pretrain" (mixed corpus), "toy:cold_start" (readable solver traces, ``data_size`` rows),
@@ -329,7 +330,7 @@ class Pipeline:
 
     # -- stage kinds
     def _sft(self, stage: SFTStage, stage_dir: Path) -> dict:
-        from .sft import SFTConfig, sft_train
+        from .trainer.sft import SFTConfig, sft_train
 
         model = self._init_model(stage.model)
         data = self._sft_data(stage)
@@ -453,12 +454,12 @@ class Pipeline:
         return self._load_model(record["model_path"])
 
     def _load_model(self, path: str):
-        from .modeling import load_model
+        from .trainer.modeling import load_model
 
         return load_model(path, "cpu")
 
     def _sft_data(self, stage: SFTStage):
-        from .cli import load_data_file
+        from .trainer.data import load_data_file
 
         if stage.data == "toy:pretrain":
             data = r1_toy.pretraining_corpus(self.splits["train"], seed=self.config.seed)

@@ -105,24 +105,33 @@ def aggregate(
     config: LossConfig,
     num_items_in_batch: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce (B, T) per-token losses to the scalar loss exactly as TRL does for each loss_type.
+    """Reduce (B, T) per-token losses to the scalar loss exactly as TRL does for each loss_type:
+    ``sum(aggregation_weights(mask) * per_token_loss)``."""
+    return (aggregation_weights(mask, config, num_items_in_batch) * per_token_loss).sum()
+
+
+def aggregation_weights(
+    mask: torch.Tensor, config: LossConfig, num_items_in_batch: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token weights w of the loss ``(w * l).sum()``: the one table of TRL's normalisers.
 
     grpo, sapo: mean_i [sum_t l m / max(sum_t m, 1)] / GA;  bnpo: sum l m / max(sum m, 1) / GA;
     dr_grpo: sum l m / (B * max_completion_length) / GA;  luspo: mean_i [sum_t l m] / GA;
     dapo, cispo: sum l m / (max(num_items_in_batch, 1) / world_size * GA / steps_per_generation),
     where num_items_in_batch (default: this batch's mask sum) counts the whole generation batch.
+    The weights depend on the mask only, so a fused kernel can apply them token by token.
     """
     ga = config.gradient_accumulation_steps
-    masked = per_token_loss * mask
+    b = mask.size(0)
     if config.loss_type in ("grpo", "sapo"):
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / ga
+        return mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / (b * ga)
     if config.loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1.0) / ga
+        return mask / mask.sum().clamp(min=1.0) / ga
     if config.loss_type == "dr_grpo":
-        return masked.sum() / (per_token_loss.size(0) * config.max_completion_length) / ga
+        return mask / (b * config.max_completion_length * ga)
     if config.loss_type == "luspo":
-        return masked.sum(-1).mean() / ga
-    return masked.sum() / dapo_normalizer(mask, config, num_items_in_batch)
+        return mask / (b * ga)
+    return mask / dapo_normalizer(mask, config, num_items_in_batch)
 
 
 def dapo_normalizer(mask: torch.Tensor, config: LossConfig, num_items_in_batch=None) -> torch.Tensor:
@@ -245,26 +254,6 @@ def grpo_loss(
         num_items_in_batch,
     )
     return loss, metrics, logp
-
-
-def aggregation_weights(
-    mask: torch.Tensor, config: LossConfig, num_items_in_batch: float | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-token weights w with ``aggregate(l, mask) == (w * l).sum()`` for every loss_type.
-
-    The weights depend on the mask only, so a fused kernel can apply them token by token.
-    """
-    ga = config.gradient_accumulation_steps
-    b = mask.size(0)
-    if config.loss_type in ("grpo", "sapo"):
-        return mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / (b * ga)
-    if config.loss_type == "bnpo":
-        return mask / mask.sum().clamp(min=1.0) / ga
-    if config.loss_type == "dr_grpo":
-        return mask / (b * config.max_completion_length * ga)
-    if config.loss_type == "luspo":
-        return mask / (b * ga)
-    return mask / dapo_normalizer(mask, config, num_items_in_batch)
 
 
 def group_advantages(

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import completion_id_lists, decode_completions, prompt_text
 from .language import language_consistency_reward
-from .rewards import accuracy_reward, format_reward, score_completions
-from .rollout import encode_prompts, generate
+from .trainer.evaluation import completion_id_lists, decode_completions, prompt_text
+from .trainer.rewards import accuracy_reward, format_reward, score_completions
+from .trainer.rollout import encode_prompts, generate
 
 FILTERS = ("length", "format", "correct", "language", "duplicate", "cap")
 
@@ -209,7 +209,7 @@ def rejection_sample(
 
 def write_sft_set(path: str | Path, rows: list[dict], stats: dict) -> Path:
     """Write ``rows`` as JSONL to ``path`` and ``stats`` to ``<path without suffix>.stats.json``; returns path.
-    The JSONL loads with ``datasets.load_dataset("json", data_files=path)`` or ``grpo_fast.cli.load_data_file``.
+    The JSONL loads with ``datasets.load_dataset("json", data_files=path)`` or ``grpo_fast.trainer.data.load_data_file``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,8 @@ def test_trainer_head_loss_runs_in_the_autocast_dtype(tmp_path, monkeypatch, one
     """bf16 autocast (forced on here, CPU autocast): the fused loss and the forward-only log-probs get bf16
     operands, though Qwen2's final norm hands over fp32 hidden states; the fp32 head keeps fp32 gradients."""
     from grpo_fast import toy
-    from grpo_fast import trainer as trainer_module
+    from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+    from grpo_fast.trainer import update as trainer_module  # where the update calls the loss
 
     seen = []
 
@@ -113,9 +114,9 @@ def test_trainer_head_loss_runs_in_the_autocast_dtype(tmp_path, monkeypatch, one
     tok = toy.build_tokenizer()
     model = toy.build_model(tok, seed=0, hidden_size=32, layers=1, heads=2, ffn=64)
     data = toy.make_splits(num_train=16, num_dev=4, num_test=4)
-    cfg = trainer_module.GRPOConfig(output_dir=str(tmp_path), seed=3, max_steps=1, per_device_train_batch_size=8,
+    cfg = GRPOConfig(output_dir=str(tmp_path), seed=3, max_steps=1, per_device_train_batch_size=8,
                                     num_generations=4, max_completion_length=6, beta=0.04)  # fmt: skip
-    trainer = trainer_module.GRPOTrainer(model, "format", cfg, data["train"], tokenizer=tok)
+    trainer = GRPOTrainer(model, "format", cfg, data["train"], tokenizer=tok)
     trainer.use_bf16 = True  # bf16 autocast, which the trainer turns on by itself only on a bf16-capable GPU
     trainer.step()
     assert {name for name, *_ in seen} == {"loss", "logprobs"}
@@ -131,7 +132,7 @@ def _flash_attn_package(root: Path, body: str) -> Path:
 
 @pytest.mark.parametrize("package", ["present", "absent", "broken"])
 def test_attention_choice_by_model_dtype_and_flash_attn(package, tmp_path, monkeypatch):
-    from grpo_fast.modeling import attn_implementation
+    from grpo_fast.trainer.modeling import attn_implementation
 
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     if package == "present":
@@ -325,7 +326,7 @@ def test_auto_backend_with_fp32_hidden_and_fp64_weight_uses_torch_on_a_gpu_host(
 
 def test_rng_restore_with_fewer_gpus_than_at_save(monkeypatch):
     """Saved on 2 GPUs, resumed with 1 visible: the first state is restored, nothing indexes past it."""
-    from grpo_fast import checkpoint
+    from grpo_fast.trainer import checkpoint
 
     restored = []
 

@@ -1,4 +1,4 @@
-"""LeanDecoder (grpo_fast/decoding.py) against the model's own full forward pass, and the rollout loop on it.
+"""LeanDecoder (grpo_fast/trainer/decoding.py) against the model's own full forward pass, and the rollout loop on it.
 
 Each architecture is a tiny random model built from a transformers config (no download): Qwen2 (biases
 on q/k/v), Llama with grouped-query attention, Qwen3 (per-head q/k norms), Mistral. The logits of every
@@ -12,9 +12,9 @@ import torch
 from llama_family import CONFIGS, V
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from grpo_fast import rollout
-from grpo_fast.decoding import LeanDecoder, unsupported_reason
-from grpo_fast.modeling import position_ids_from_mask
+from grpo_fast.trainer import rollout
+from grpo_fast.trainer.decoding import LeanDecoder, unsupported_reason
+from grpo_fast.trainer.modeling import position_ids_from_mask
 
 
 def _model(name: str):

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-import grpo_fast.trainer as trainer_module
+import grpo_fast.trainer.update as trainer_module  # where the update calls the loss
 from grpo_fast import toy
 from grpo_fast.advantages import group_advantages
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer

@@ -10,11 +10,11 @@ import importlib.util
 import pytest
 import torch
 
-import grpo_fast.trainer as trainer_module
+import grpo_fast.trainer.update as trainer_module  # where the update calls the loss
 from grpo_fast import rollout_importance_ratio, toy
-from grpo_fast.engines import Generation, HFEngine, group_uniforms, rollout_from_token_lists
-from grpo_fast.modeling import position_ids_from_mask
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+from grpo_fast.trainer.engines import Generation, HFEngine, group_uniforms, rollout_from_token_lists
+from grpo_fast.trainer.modeling import position_ids_from_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 
@@ -142,8 +142,8 @@ def test_no_correction_when_switched_off(tmp_path, data):
 def test_hf_engine_draws_depend_only_on_the_group_seed():
     """A group samples the same completions alone or next to other groups (and in any position)."""
     tok, model = tiny()
-    from grpo_fast.engines import SamplingSettings
-    from grpo_fast.rollout import encode_prompts
+    from grpo_fast.trainer.engines import SamplingSettings
+    from grpo_fast.trainer.rollout import encode_prompts
 
     settings = SamplingSettings(8, tok.eos_token_id, tok.pad_token_id, temperature=1.0)
     engine = HFEngine(model)

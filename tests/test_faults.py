@@ -28,11 +28,11 @@ import pytest
 import torch
 import yaml
 
-from grpo_fast import checkpoint, toy
-from grpo_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from grpo_fast.configio import ConfigError
-from grpo_fast.rewards import RewardFunctionError, RewardTimeoutError, call_reward_function, score_completions
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+from grpo_fast import toy
+from grpo_fast.trainer import GRPOConfig, GRPOTrainer, checkpoint
+from grpo_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo_fast.trainer.configio import ConfigError
+from grpo_fast.trainer.rewards import RewardFunctionError, RewardTimeoutError, call_reward_function, score_completions
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 
@@ -117,11 +117,11 @@ def test_none_for_every_sample_warns_once_with_the_name():
 
 def test_skip_logs_each_faulty_function_and_keeps_the_others(release, caplog):
     funcs = [digit_share, hanging_reward(release), raising_reward, nan_reward]
-    with caplog.at_level(logging.WARNING, logger="grpo_fast.rewards"):
+    with caplog.at_level(logging.WARNING, logger="grpo_fast.trainer.rewards"):
         per_function, total = score_completions(funcs, [1.0] * 4, ["p"] * 2, ["12", "ab"], {}, 0.3, "skip")
     assert per_function[:, 0].tolist() == [1.0, 0.0] and per_function[:, 1:].isnan().all()
     assert total.tolist() == [1.0, 0.0]  # the skipped functions are left out of the sum, as None is
-    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "grpo_fast.rewards")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "grpo_fast.trainer.rewards")
     for expected in ("'hanging_reward' did not return", "'raising_reward' raised ZeroDivisionError",
                      "'nan_reward' returned nan for sample 1"):  # fmt: skip
         assert re.search(f"{expected}.*-> skipped: its rewards for this batch are None", logged), expected
@@ -166,7 +166,7 @@ def test_trainer_skips_faulty_reward_functions_and_keeps_training(tmp_path, trai
     funcs = [digit_share, hanging_reward(release), raising_reward, nan_reward]
     trainer = _trainer(tmp_path, funcs, train_rows, reward_timeout=0.3, on_reward_error="skip")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="grpo_fast.rewards"):
+    with caplog.at_level(logging.WARNING, logger="grpo_fast.trainer.rewards"):
         metrics = trainer.train()
     assert trainer.state.step == 2 and (tmp_path / "checkpoint-2").is_dir()
     assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())  # it learned

@@ -14,7 +14,7 @@ from grpo_fast.language import (
     script_words,
     target_scripts,
 )
-from grpo_fast.rewards import score_completions
+from grpo_fast.trainer.rewards import score_completions
 
 
 def test_char_script_reads_unicode_names():

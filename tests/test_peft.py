@@ -137,7 +137,7 @@ def test_cli_trains_lora_and_evaluates_the_merged_adapters(tmp_path, capsys):
 
 
 def test_load_model_merges_adapters_into_their_local_base(tmp_path):
-    from grpo_fast.modeling import load_model
+    from grpo_fast.trainer.modeling import load_model
 
     _, base = tiny()
     base.save_pretrained(tmp_path / "base")
@@ -154,7 +154,7 @@ def test_load_model_merges_adapters_into_their_local_base(tmp_path):
 
 
 def test_adapters_without_a_local_base_model_are_refused(tmp_path):
-    from grpo_fast.modeling import load_model
+    from grpo_fast.trainer.modeling import load_model
 
     (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}')
     with pytest.raises(ValueError, match="not a local model directory"):

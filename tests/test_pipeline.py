@@ -9,14 +9,15 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from grpo_fast import configio, r1_toy, toy
+from grpo_fast import r1_toy, toy
 from grpo_fast.cli import main
 from grpo_fast.language import language_consistency, reasoning_text
-from grpo_fast.modeling import backbone_and_head, load_model
 from grpo_fast.pipeline import DEFAULT_STAGES, GRPOStage, SFTStage, compare, effect_table, load_config, stage_table
-from grpo_fast.rewards import accuracy_reward, format_reward
-from grpo_fast.rollout import encode_prompts
-from grpo_fast.sft import SFTConfig, encode_completions, sft_loss, sft_train
+from grpo_fast.trainer import configio
+from grpo_fast.trainer.modeling import backbone_and_head, load_model
+from grpo_fast.trainer.rewards import accuracy_reward, format_reward
+from grpo_fast.trainer.rollout import encode_prompts
+from grpo_fast.trainer.sft import SFTConfig, encode_completions, sft_loss, sft_train
 
 
 # ----------------------------------------------------------------------------- the toy world
@@ -116,7 +117,7 @@ def test_sft_epochs_checkpoint_and_metrics(tmp_path, one_thread):
 
 
 def test_sft_epoch_order_visits_every_row_once_per_epoch():
-    from grpo_fast.sft import _RowOrder
+    from grpo_fast.trainer.sft import _RowOrder
 
     order = _RowOrder(7, SFTConfig(num_epochs=2, batch_size=3))
     rows = sum((order.next(3) for _ in range(4)), [])  # 12 rows: epoch 1 (7) + 5 of epoch 2

@@ -19,12 +19,12 @@ import torch
 import yaml
 from filelock import FileLock
 
-from grpo_fast import checkpoint, toy
-from grpo_fast.checkpoint import latest_checkpoint, load_checkpoint
+from grpo_fast import toy
 from grpo_fast.cli import load_train_config, main
-from grpo_fast.configio import ConfigError
-from grpo_fast.rewards import RewardFunctionError, RewardTimeoutError, call_reward_function
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer, NonFiniteError, OutputDirInUseError
+from grpo_fast.trainer import GRPOConfig, GRPOTrainer, NonFiniteError, OutputDirInUseError, checkpoint
+from grpo_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from grpo_fast.trainer.configio import ConfigError
+from grpo_fast.trainer.rewards import RewardFunctionError, RewardTimeoutError, call_reward_function
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 

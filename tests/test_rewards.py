@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from grpo_fast.rewards import (
+from grpo_fast.trainer.rewards import (
     RewardFunctionError,
     accuracy_reward,
     answers_match,

@@ -8,7 +8,6 @@ from datasets import load_dataset
 
 from grpo_fast import r1_toy
 from grpo_fast.language import language_consistency_reward
-from grpo_fast.rewards import accuracy_reward, format_reward
 from grpo_fast.sampling import (
     FILTERS,
     RejectionSamplingConfig,
@@ -20,6 +19,7 @@ from grpo_fast.sampling import (
     sample_completions,
     write_sft_set,
 )
+from grpo_fast.trainer.rewards import accuracy_reward, format_reward
 
 GOOD = "<think>ones 1+2=3</think><answer>3</answer>"
 

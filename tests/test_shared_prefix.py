@@ -1,4 +1,4 @@
-"""The shared-prompt forward (grpo_fast/shared_prefix.py) against the model's own full forward pass.
+"""The shared-prompt forward (grpo_fast/trainer/shared_prefix.py) against the model's own full forward pass.
 
 Tiny random Llama-family models built from configs (no download): Qwen2 (q/k/v biases), Llama with
 grouped-query attention, Qwen3 (per-head q/k norms), Mistral with one key/value head. Prompts are left
@@ -16,10 +16,10 @@ from llama_family import CONFIGS, V
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 
-from grpo_fast import shared_prefix, toy
-from grpo_fast.modeling import backbone_and_head, completion_hidden
-from grpo_fast.shared_prefix import SharedPrefixForward, SharedPrompts, groups_share_prompts
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+from grpo_fast import toy
+from grpo_fast.trainer import GRPOConfig, GRPOTrainer, shared_prefix
+from grpo_fast.trainer.modeling import backbone_and_head, completion_hidden
+from grpo_fast.trainer.shared_prefix import SharedPrefixForward, SharedPrompts, groups_share_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_fast import toy
-from grpo_fast.rewards import accuracy_reward, format_reward
+from grpo_fast.trainer.rewards import accuracy_reward, format_reward
 
 
 def test_tokenizer_tags_are_single_tokens_and_round_trip():
@@ -71,7 +71,7 @@ def test_prompts_outside_the_alphabet_are_refused_with_the_row_named(tmp_path):
     error naming the row, also with the tokenizer saved and loaded again."""
     import pytest
 
-    from grpo_fast.rollout import encode_prompts
+    from grpo_fast.trainer.rollout import encode_prompts
 
     tok = toy.build_tokenizer()
     ids, _ = encode_prompts(tok, ["12+7=", "864+394="], None, "cpu")

@@ -1,4 +1,4 @@
-"""Experiment tracking (grpo_fast.tracking): what a 3-step CPU run logged, read back from each backend's local
+"""Experiment tracking (grpo_fast.trainer.tracking): what a 3-step CPU run logged, read back from each backend's local
 files (TensorBoard event files, W&B offline run files, trackio's and MLflow's local stores), compared with
 metrics.jsonl. Nothing reaches the network: W&B runs offline, trackio and MLflow write local files."""
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_fast import toy, tracking
+from grpo_fast import toy
 from grpo_fast.cli import main
-from grpo_fast.configio import ConfigError
-from grpo_fast.rewards import accuracy_reward
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+from grpo_fast.trainer import GRPOConfig, GRPOTrainer, tracking
+from grpo_fast.trainer.configio import ConfigError
+from grpo_fast.trainer.rewards import accuracy_reward
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 

@@ -11,12 +11,12 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_fast import toy
-from grpo_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from grpo_fast.cli import load_train_config, main
-from grpo_fast.modeling import completion_hidden, position_ids_from_mask
-from grpo_fast.rewards import RewardFunctionError
-from grpo_fast.rollout import encode_prompts, generate
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer, _lr_lambda
+from grpo_fast.trainer import GRPOConfig, GRPOTrainer, lr_lambda
+from grpo_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo_fast.trainer.modeling import completion_hidden, position_ids_from_mask
+from grpo_fast.trainer.rewards import RewardFunctionError
+from grpo_fast.trainer.rollout import encode_prompts, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 
@@ -304,7 +304,7 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     def disk_full(obj, path, *args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("grpo_fast.checkpoint.torch.save", disk_full)
+    monkeypatch.setattr("grpo_fast.trainer.checkpoint.torch.save", disk_full)
     for step in (2, 1):  # a new checkpoint, then overwriting the existing one
         with pytest.raises(OSError, match="No space"):
             save_checkpoint(tmp_path, step, model, optimizer, scheduler, {"step": step}, tok)
@@ -315,10 +315,10 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_warmup_then_cosine_schedule():
-    lam = _lr_lambda(GRPOConfig(max_steps=12, warmup_steps=2, lr_scheduler_type="cosine"))
+    lam = lr_lambda(GRPOConfig(max_steps=12, warmup_steps=2, lr_scheduler_type="cosine"))
     assert [lam(0), lam(1), lam(2)] == [0.5, 1.0, 1.0]
     assert lam(7) == pytest.approx(0.5) and lam(12) == pytest.approx(0.0)
-    constant = _lr_lambda(GRPOConfig(max_steps=10, warmup_ratio=0.2))
+    constant = lr_lambda(GRPOConfig(max_steps=10, warmup_ratio=0.2))
     assert [constant(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
 
 

@@ -138,7 +138,7 @@ def generate(
         generator: the random stream of the draws (on the model's device).
         uniforms: optional (B, max_new_tokens) draws in (0, 1], one per row and position; the token of row
             i at position t is then the inverse-CDF draw of ``uniforms[i, t]`` (instead of ``generator``),
-            so a row's sample does not depend on the other rows of the batch (see grpo_fast.engines).
+            so a row's sample does not depend on the other rows of the batch (see grpo_fast.trainer.engines).
     Returns:
         Rollout; completion_ids is (B, T) with T <= max_new_tokens.
     """

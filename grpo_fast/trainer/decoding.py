@@ -29,7 +29,7 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin of a posi
 def unsupported_reason(model: nn.Module, max_length: float, training: bool = False) -> str | None:
     """Why ``LeanDecoder`` cannot run ``model`` for sequences of ``max_length`` tokens (None = it can).
 
-    training=True: for a forward pass with gradients (grpo_fast.shared_prefix), which accepts a model
+    training=True: for a forward pass with gradients (grpo_fast.trainer.shared_prefix), which accepts a model
     in training mode but no attention dropout (the MLPs of these families have none).
     """
     config = getattr(model, "config", None)

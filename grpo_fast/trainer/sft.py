@@ -16,7 +16,7 @@ Batches are padded (prompts on the left, completions on the right); rows are dra
 accuracy, checked every ``eval_steps``: SFT accuracy rises in sudden phase transitions, and a policy
 below ~25% greedy accuracy gives GRPO almost no signal (TARGETS.md), so the demo's warm-start stops on
 accuracy rather than after a fixed number of steps. With ``output_dir`` set, metrics go to
-``output_dir/metrics.jsonl`` and the final model to ``output_dir/checkpoint-<step>`` (grpo_fast.checkpoint:
+``output_dir/metrics.jsonl`` and the final model to ``output_dir/checkpoint-<step>`` (grpo_fast.trainer.checkpoint:
 the same layout and atomic write as the GRPO trainer's checkpoints).
 """
 
@@ -33,13 +33,15 @@ import torch
 import yaml
 from torch import nn
 
+from ..config import LossConfig
+from ..linear import linear_grpo_loss
 from .checkpoint import save_checkpoint
-from .config import LossConfig
 from .evaluation import evaluate, prompt_text
-from .linear import linear_grpo_loss
+from .metrics import MetricsLog
 from .modeling import backbone_and_head, completion_hidden
 from .rewards import accuracy_reward
 from .rollout import encode_prompts
+from .schedule import warmup_then_decay
 
 SFT_LOSSES = ("fused", "logits")
 # With advantages 1 and on-policy log-probs the clipped surrogate's gradient is the NLL gradient.
@@ -123,7 +125,9 @@ def sft_train(
     backbone, head = backbone_and_head(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total = config.total_steps(len(examples))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_decay(config.lr_scheduler_type, config.warmup_steps, total)
+    )
     order = _RowOrder(len(examples), config)
     log = _metrics_log(config)
     start, loss, accuracy, step, tokens = time.perf_counter(), float("nan"), None, 0, 0
@@ -236,23 +240,9 @@ def encode_completions(tokenizer, completions: list[str], device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
-def _lr_lambda(config: SFTConfig, total: int):
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.lr_scheduler_type == "constant":
-            return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def _metrics_log(config: SFTConfig):
     if not config.output_dir:
         return None
-    from .trainer import MetricsLog  # the trainer's JSONL writer (imported late: the trainer is heavier)
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)

@@ -305,7 +305,7 @@ def score_completions(
 
     Args:
         timeout: per-call limit in seconds for each reward function (see ``call_reward_function``).
-        on_error: "raise" a RewardFunctionError, or "skip": log it (logger ``grpo_fast.rewards``,
+        on_error: "raise" a RewardFunctionError, or "skip": log it (logger ``grpo_fast.trainer.rewards``,
             level WARNING) and score that function's whole batch as None, i.e. left out of the sum.
     Returns:
         (per_function (B, F) float32 with NaN where a function returned None or was skipped,

@@ -7,14 +7,14 @@ An engine has two methods (the trainer calls nothing else):
 
 ``prompt_ids``/``prompt_mask`` are (B, P) left-padded prompts laid out group by group (rows
 g*G .. g*G+G-1 repeat prompt g); ``group_seeds[g]`` seeds the draws of group g, so what a group samples
-does not depend on which other groups share the batch (or the process: see grpo_fast.distributed).
+does not depend on which other groups share the batch (or the process: see grpo_fast.trainer.distributed).
 ``Generation.sampling_logprobs`` is (B, T) log-probs of the sampled tokens under the sampler's own
 (tempered) distribution, or None; when an engine returns them the trainer corrects for the
 engine/policy mismatch with ``grpo_fast.rollout_importance_ratio`` (TRL's
 ``vllm_importance_sampling_*`` options).
 
 Engines here:
-- ``HFEngine``: the trainer's own batched, KV-cached sampler (grpo_fast.rollout.generate) on the
+- ``HFEngine``: the trainer's own batched, KV-cached sampler (grpo_fast.trainer.rollout.generate) on the
   policy itself; no weight copy, no sampling log-probs (its distribution *is* the policy's).
 - ``VLLMEngine``: a colocated ``vllm.LLM`` (one per process), weights pushed from the policy before
   every step, ``SamplingParams(logprobs=0)`` for the sampling log-probs. Needs the ``vllm`` extra and a
@@ -65,7 +65,7 @@ def group_uniforms(seeds: list[int], group_size: int, length: int, device) -> to
 
 
 class HFEngine:
-    """Sampling with grpo_fast.rollout.generate on the policy model itself (the default engine).
+    """Sampling with grpo_fast.trainer.rollout.generate on the policy model itself (the default engine).
 
     Each token of row i is the inverse-CDF draw of one uniform from its group's generator
     (``group_uniforms``), so the completions do not depend on how prompts are batched or sharded.

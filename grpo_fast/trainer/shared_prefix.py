@@ -9,7 +9,7 @@ prompt keys/values followed by its own,
 
 and the hidden state at the prompt's last position (it predicts the first completion token) comes from
 the prompt pass too. The arithmetic is that of the model's own modules (norms, projections, rotary
-embedding, MLP, as in ``grpo_fast.decoding``); only the attention is called here, through
+embedding, MLP, as in ``grpo_fast.trainer.decoding``); only the attention is called here, through
 ``scaled_dot_product_attention`` with an explicit mask. ``tests/test_shared_prefix.py`` checks hidden
 states and every parameter gradient against the model's full forward pass.
 
