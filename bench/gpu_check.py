@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.section is not None:
         return run_section(args)
-    if not args.dry_run and not _has_cuda():
+    if not args.dry_run and not has_cuda():
         raise SystemExit("python -m bench.gpu_check needs a CUDA device; --dry-run runs it on CPU at tiny shapes")
     if importlib.util.find_spec("grpo_fast.kernels") is None:  # the top-level kernels/ folder, mapped at install
         raise SystemExit(
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if "failed" in statuses.values() else 0
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()

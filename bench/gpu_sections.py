@@ -265,7 +265,7 @@ def trainer(ctx: Context) -> None:
 def _trainer_summary(shape: TrainerShape, r: dict) -> dict:
     step = statistics.median(r["times"])
     sampling = None if None in r["sampling_times"] else statistics.median(r["sampling_times"])
-    slots = shape.prompts * shape.group * shape.max_new  # every completion at full length (see the README)
+    slots = shape.prompts * shape.group * shape.max_new  # every completion at full length (see docs/cuda.md)
     return {"step_s": step, "sampling_s": sampling, "update_s": None if sampling is None else step - sampling,
             "tokens_per_s": slots / step, "peak_extra_mib": r["peak_extra_bytes"] / 2**20,
             "memory_kind": r["memory_kind"], "times": r["times"], "warmup_s": r["warmup_s"]}  # fmt: skip

@@ -5,7 +5,7 @@ Every loss method computes the same DeepSeekMath GRPO objective as the logits su
 grad_hidden and grad_W. Modes: ``loss`` = forward + backward; ``logprobs`` = old/ref log-probs,
 forward only.
 
-Flop floor (DESIGN.md): forward + backward = the three GEMMs a loss needs, logits = h W^T,
+Flop floor: forward + backward = the three GEMMs a loss needs, logits = h W^T,
 grad_h = g W, grad_W = g^T h: 6 N H V flops; forward-only log-probs: 1 GEMM, 2 N H V flops.
 ``gemm_floor`` runs exactly those GEMMs with grpo_fast's chunking and reused output buffers, and
 nothing else: the time no fused implementation on this machine can beat.

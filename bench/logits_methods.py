@@ -5,7 +5,7 @@ k3 KL with beta 0.04) with old and reference log-probs given, and ends in ``loss
 Modes: ``logprobs`` = per-token log-probs and entropy, forward only (old/ref log-probs, metrics);
 ``loss`` = the GRPO loss forward + backward (the split is recorded).
 
-Memory traffic floor (the cost model of DESIGN.md), N = B * T rows of V elements:
+Memory traffic floor (the cost model), N = B * T rows of V elements:
     logprobs: 1 read of N x V; loss forward + backward: 2 reads + 1 write of N x V.
 What the plain-PyTorch methods move instead (their own passes, for reading the results):
     naive loss:  x.float() (bf16 only: R + W), log_softmax (R + W), gather; backward: softmax-grad

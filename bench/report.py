@@ -27,7 +27,7 @@ OURS = ("grpo_fast_triton", "grpo_fast_torch")  # the first present is "grpo_fas
 MIB = 2**20
 LOGITS_MODES = {"logprobs": "log-probs + entropy, forward only", "loss": "GRPO loss forward + backward"}
 LINEAR_MODES = {"logprobs": "old/ref log-probs, forward only", "loss": "GRPO loss forward + backward"}
-LINEAR_FLOOR_TARGET = 1.15  # DESIGN.md / issue 7: the linear path within 1.15x of the GEMM floor
+LINEAR_FLOOR_TARGET = 1.15  # the goal: the linear path within 1.15x of the GEMM floor
 
 
 # ---------------------------------------------------------------------------- reading

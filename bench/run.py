@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainer-scaling", action="store_true",
                    help="then both trainers across model sizes: python -m bench.trainer_scaling")  # fmt: skip
     args = p.parse_args(argv)
-    profile = args.profile or ("gpu" if _has_cuda() else "cpu")
+    profile = args.profile or ("gpu" if has_cuda() else "cpu")
     suites = [s for s in SUITES if s in args.suites.split(",")]
     partial = args.methods is not None or args.only is not None or len(suites) < len(SUITES)
     out = args.out or RESULTS / f"{profile}.json"
@@ -208,7 +208,7 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()

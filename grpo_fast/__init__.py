@@ -1,4 +1,4 @@
-"""grpo_fast: the fastest, most exact GRPO core. See README.md for the API."""
+"""grpo_fast: the fastest, most exact GRPO core. The API: README.md; the details: docs/."""
 
 from .advantages import group_advantages
 from .config import LossConfig

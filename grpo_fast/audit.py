@@ -8,7 +8,7 @@ launcher's arguments: pointer and int arguments divisible by 16 marked ``tt.divi
 reads from the cubin and its SASS: registers, spill bytes, stack and local memory, shared memory, and
 the width of every global load. Writes DIR/<arch>/<variant>.cubin and .sass and DIR/audit.json,
 prints a table, and exits 1 if any variant spills, uses local memory, or loads its logits row
-narrower than 128 bits. Takes ~60 s for two targets on 2 cores, ~30 s with Triton's cache warm.
+narrower than 128 bits. Takes about a minute for two targets on 2 cores, less with Triton's cache warm.
 
 Run it with TRITON_INTERPRET unset: under TRITON_INTERPRET=1, triton.jit builds interpreter objects,
 which cannot be compiled (tests run the audit in a subprocess with the variable removed).
@@ -189,7 +189,7 @@ def audit(capabilities: list[int], out_dir: Path) -> list[dict]:
         # a launch compiles with the same default (fusion on); the notice about 3.10 is noise here
         warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
         compiled = [compile_config(config, cap) for config, cap in jobs]  # in order: Triton is not thread-safe
-    # disassembly (~0.4 s per cubin in nvdisasm) dominates: run the tools concurrently
+    # disassembly (nvdisasm, once per cubin) dominates: run the tools concurrently
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         rows = list(pool.map(lambda job, out: inspect_cubin(*job, out_dir, *out), jobs, compiled))
     summary = {"triton": triton.__version__, "variants": rows}

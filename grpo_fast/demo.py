@@ -5,7 +5,7 @@
 1. Build the character tokenizer and a 0.53M-parameter Qwen2 from code (grpo_fast.toy).
 2. SFT warm-start on scratchpad addition until greedy dev accuracy >= 0.30 (checked every 10 steps).
 3. Greedy accuracy on 256 held-out prompts (disjoint from training and dev).
-4. GRPO (the TARGETS.md recipe): 32 prompts x G=8 at temperature 1.0, reward 1 if the answer is right,
+4. GRPO: 32 prompts x G=8 at temperature 1.0, reward 1 if the answer is right,
    PPO clip 0.2, token-mean ("dapo") loss, one update per batch, AdamW 1e-4 with a 10-step warm-up,
    gradient clipping 1.0, no KL.
 5. Greedy held-out accuracy again; RUN_DIR/summary.json, metrics.jsonl, curves.png, final checkpoint.
@@ -38,7 +38,7 @@ ACCURACY = "rewards/accuracy_reward/mean"
 
 
 def demo_configs(seed: int, out: str | Path, steps: int) -> tuple[SFTConfig, GRPOConfig]:
-    """The demo's SFT and GRPO settings (TARGETS.md, "a GRPO demo on CPU")."""
+    """The demo's SFT and GRPO settings."""
     sft = SFTConfig(
         learning_rate=1e-3,
         batch_size=64,
@@ -52,7 +52,7 @@ def demo_configs(seed: int, out: str | Path, steps: int) -> tuple[SFTConfig, GRP
         overwrite_output_dir=True,  # a demo run starts over in its directory
         seed=seed,
         max_steps=steps,
-        learning_rate=1e-4,  # 3e-4 collapses the policy (TARGETS.md)
+        learning_rate=1e-4,  # 3e-4 collapses the policy
         warmup_steps=10,
         max_grad_norm=1.0,
         # 32 prompts x G = 8 = 256 completions, one optimizer step per batch; 4 length-sorted micro-batches

@@ -20,7 +20,7 @@ English or Chinese; every stage's output is the next one's input):
                         noisy updates lowered accuracy)
     student_base        a 0.14M Qwen2 (half the width, a quarter of the parameters) pretrained on the
                         same corpus until greedy dev accuracy 0.85 (at 0.5 its temperature-1 samples
-                        are almost never right: GRPO would get no signal, TARGETS.md)
+                        are almost never right: GRPO would get no signal)
     distill             SFT of student_base on the rejection-sampled set (R1's distillation)
     student_grpo        GRPO of student_base (R1-Zero rewards) with the compute distill used
     student_grpo_4x     the same with 4x that compute

@@ -209,7 +209,8 @@ def rejection_sample(
 
 def write_sft_set(path: str | Path, rows: list[dict], stats: dict) -> Path:
     """Write ``rows`` as JSONL to ``path`` and ``stats`` to ``<path without suffix>.stats.json``; returns path.
-    The JSONL loads with ``datasets.load_dataset("json", data_files=path)`` or ``grpo_fast.trainer.data.load_data_file``.
+    The JSONL loads with ``datasets.load_dataset("json", data_files=path)`` or
+    ``grpo_fast.trainer.data.load_data_file``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

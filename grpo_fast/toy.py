@@ -8,7 +8,7 @@ synthetic:
     completion  <think>4+4=8,6+9=15,8+3+1=12</think><answer>1258</answer><eos>
 
 The scratchpad writes one column per step, least significant first, with the carry as "+1". A
-direct-answer format learns far slower (TARGETS.md, "Measured here: a GRPO demo on CPU").
+direct-answer format learns far slower.
 
 Splits are fixed by ``SPLIT_SEED`` (not by the run seed), so every run is scored on the same held-out
 prompts, and the test, dev and training prompts are pairwise disjoint.

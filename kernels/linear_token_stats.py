@@ -647,7 +647,7 @@ def _check_interpretable(kernel, dtype: torch.dtype) -> None:
         )
 
 
-def _empty(shape, device) -> torch.Tensor:
+def new_output(shape, device) -> torch.Tensor:
     """An fp32 output every element of which a kernel writes (tests poison it through this)."""
     return torch.empty(shape, dtype=torch.float32, device=device)
 
@@ -696,14 +696,14 @@ def linear_stats_forward(hidden, weight, bias, ids, active, inv_tau: float, with
     active = _check_rows("active", active, n, torch.bool, hidden.device)
     inv_tau = _check_inv_tau(inv_tau)
     _check_interpretable(_fwd_kernel, hidden.dtype)
-    logp, entropy, lse = (_empty((n,), hidden.device) for _ in range(3))
+    logp, entropy, lse = (new_output((n,), hidden.device) for _ in range(3))
     if n == 0:
         return logp, entropy, lse
     order, count = _active_order(active)
     cfg = block_config(hidden.dtype, "forward")
     row_blocks = triton.cdiv(n, cfg.block_n)
     splits, per_split = vocab_splits(row_blocks, v, cfg.block_v)
-    parts = _empty((splits, 4, n), hidden.device)  # (m, sum 2^x, sum 2^x x, target logit) per split
+    parts = new_output((splits, 4, n), hidden.device)  # (m, sum 2^x, sum 2^x x, target logit) per split
     args = _forward_args(hidden, weight, _bias_or_zeros(bias, weight), ids, order, count, parts, per_split, inv_tau)
     launch(
         _fwd_kernel,
@@ -799,13 +799,13 @@ def linear_stats_backward(
     _check_interpretable(_bwd_fused_kernel, hidden.dtype)
     if n == 0:
         grad_b = None if bias is None else torch.zeros(v, dtype=torch.float32, device=device)
-        return _empty((0, h), device), torch.zeros((v, h), dtype=torch.float32, device=device), grad_b
+        return new_output((0, h), device), torch.zeros((v, h), dtype=torch.float32, device=device), grad_b
     order, count = _active_order(active)
     rows = _row_args(ids, order, count, lse, entropy, grad_logp, grad_entropy)
     full_bias = _bias_or_zeros(bias, weight)
     flags = {"HAS_GRAD_ENTROPY": grad_entropy is not None}
     if deterministic:
-        grad_h, grad_w, grad_b = _empty((n, h), device), _empty((v, h), device), _empty((v,), device)
+        grad_h, grad_w, grad_b = new_output((n, h), device), new_output((v, h), device), new_output((v,), device)
         cfg = block_config(hidden.dtype, "backward_hidden")
         args = _hidden_args(hidden, weight, full_bias, rows, grad_h, inv_tau)
         launch(_bwd_hidden_kernel, (triton.cdiv(n, cfg.block_n),), device, *args, **_meta(cfg), **flags)

@@ -150,7 +150,7 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _store_rounded(ptrs, x, mask, SOFT_BF16: tl.constexpr):
+def store_rounded(ptrs, x, mask, SOFT_BF16: tl.constexpr):
     """Store fp32 x in the pointers' dtype, rounding to nearest even."""
     if SOFT_BF16 and ptrs.dtype.element_ty == tl.bfloat16:
         tl.store(ptrs, _round_to_bf16(x), mask=mask)
@@ -194,7 +194,7 @@ def _row_grad(
         if HAS_G_ENT:
             # p (log p + H); -inf clamped to the most negative float so that p == 0 gives 0, not NaN
             grad -= g_ent * p * (tl.maximum(log_p, -FLOAT32_MAX) + entropy)
-        _store_rounded(out_row + offs, grad, mask, SOFT_BF16)
+        store_rounded(out_row + offs, grad, mask, SOFT_BF16)
 
 
 @triton.jit

@@ -85,7 +85,7 @@ def run_scenario(name: str, per_device: int, out: Path, resume: bool = False) ->
     trainer = GRPOTrainer(model, reward, cfg, data["train"], evaluation, tokenizer=tok, peft_config=lora)
     seen: dict = {"completions": {}, "advantages": {}, "num_items": [], "rows": [], "local": []}
 
-    rollout_and_score, advantages = trainer._rollout_and_score, trainer._advantages
+    rollout_and_score, advantages = trainer.rollout_and_score, trainer.compute_advantages
 
     def recording_rollout(rows, keys=None):
         batch = rollout_and_score(rows, keys)
@@ -101,7 +101,7 @@ def run_scenario(name: str, per_device: int, out: Path, resume: bool = False) ->
         seen["rows"].append(len(batch))
         # this rank's own loss-token count and its advantages as if the batch std were this rank's alone
         local = group_advantages(batch.rewards, G, cfg.scale_rewards) if len(batch) else adv
-        seen["local"].append((float(trainer._loss_mask(batch.rollout).sum()), adv.clone(), local))
+        seen["local"].append((float(trainer.loss_mask(batch.rollout).sum()), adv.clone(), local))
         return adv
 
     loss = trainer_module.linear_grpo_loss
@@ -110,7 +110,7 @@ def run_scenario(name: str, per_device: int, out: Path, resume: bool = False) ->
         seen["num_items"].append((trainer.state.step, float(kwargs["num_items_in_batch"])))
         return loss(*args, **kwargs)
 
-    trainer._rollout_and_score, trainer._advantages = recording_rollout, recording_advantages
+    trainer.rollout_and_score, trainer.compute_advantages = recording_rollout, recording_advantages
     trainer_module.linear_grpo_loss = recording_loss
     try:
         trainer.train(resume_from_checkpoint=str(out / name / "checkpoint-2") if resume else None)

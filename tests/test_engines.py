@@ -66,15 +66,15 @@ class PerturbedEngine:
 
 
 def run_step(tmp_path, data, **changes):
-    """One trainer step with the fake engine; returns (engine, full ratio given to _optimizer_step, the
+    """One trainer step with the fake engine; returns (engine, full ratio given to optimizer_step, the
     ratio given to each loss call, the rows of each update pass, metrics)."""
     tok, model = tiny()
     engine = PerturbedEngine(model)
     trainer = GRPOTrainer(model, digit_share, config(tmp_path, **changes), data["train"], tokenizer=tok, engine=engine)
     seen = {"loss_ratios": [], "micro_batches": [], "ratio": None}
     optimizer_step, micro_batches, loss = (
-        trainer._optimizer_step,
-        trainer._update_passes,
+        trainer.optimizer_step,
+        trainer.update_passes,
         trainer_module.linear_grpo_loss,
     )
 
@@ -91,7 +91,7 @@ def run_step(tmp_path, data, **changes):
         seen["loss_ratios"].append(kwargs["importance_ratio"])
         return loss(*args, **kwargs)
 
-    trainer._optimizer_step, trainer._update_passes = recording_optimizer_step, recording_passes
+    trainer.optimizer_step, trainer.update_passes = recording_optimizer_step, recording_passes
     trainer_module.linear_grpo_loss = recording_loss
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:

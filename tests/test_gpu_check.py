@@ -95,7 +95,7 @@ def test_bad_arguments_are_rejected(tmp_path, capsys, args, match):
     assert match in capsys.readouterr().err
 
 
-@pytest.mark.skipif(gpu_check._has_cuda(), reason="checks the message given where no CUDA device is attached")
+@pytest.mark.skipif(gpu_check.has_cuda(), reason="checks the message given where no CUDA device is attached")
 def test_without_a_gpu_the_full_run_says_to_use_dry_run(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA device; --dry-run"):
         gpu_check.main(["--out", str(tmp_path)])

@@ -67,7 +67,7 @@ def test_torch_backend_matches_float64_reference(
     """Both CPU row-pass implementations: the eager one (toy vocabularies) and token_stats' compiled one
     (real vocabularies; here switched on for V = 53)."""
     if row_passes == "compiled":
-        monkeypatch.setattr(linear_loss, "_COMPILED_MIN_VOCAB", 0)
+        monkeypatch.setattr(linear_loss, "COMPILED_MIN_VOCAB", 0)
     cfg = gf.LossConfig(
         loss_type=loss_type,
         importance_sampling_level=level,

@@ -298,8 +298,8 @@ def test_chunk_boundaries(monkeypatch, chunk_rows):
     inputs = _make(13, 4, 6, v, F32, temperature=0.7)
     exact = _exact(cfg, *inputs)
     whole = _fast(cfg, *inputs)
-    monkeypatch.setattr(ts_mod, "_BLOCK_ELEMENTS", chunk_rows * v + v // 2)
-    assert ts_mod._block_rows(v) == chunk_rows
+    monkeypatch.setattr(ts_mod, "BLOCK_ELEMENTS", chunk_rows * v + v // 2)
+    assert ts_mod.block_rows(v) == chunk_rows
     chunked = _fast(cfg, *inputs)
     for i, kind in ((0, "loss"), (1, "grad"), (3, "logprob")):
         assert_close(chunked[i], whole[i], F32, f"{kind}: {chunk_rows}-row chunks vs one chunk")
@@ -427,8 +427,8 @@ def test_compiled_cpu_forward_equals_eager(kind, dtype, tau):
     """The CPU forward is the compiled ``_row_stats``; it computes what the eager chunked path computes."""
     z, ids, active = _hard_logits(kind, dtype)
     compiled = ts_mod.forward_cpu(z, ids, active, 1.0 / tau, True)
-    assert ts_mod._COMPILED["ran"] and not ts_mod._COMPILED["failed"]
-    eager = ts_mod._forward_torch(z, ids, active, 1.0 / tau, True)
+    assert ts_mod.ROW_STATS.ran and not ts_mod.ROW_STATS.failed
+    eager = ts_mod.forward_eager(z, ids, active, 1.0 / tau, True)
     for got, want, name in zip(compiled, eager, ("logp", "entropy", "norm")):
         assert bool(torch.isfinite(got).all()), name
         assert bool((got[~active] == 0).all()), f"{name}: inactive rows must be exactly 0"
@@ -450,15 +450,15 @@ def test_compiled_cpu_gradient_equals_eager(kind, dtype, tau, with_entropy_grad,
     is the compiled ``_row_grads``; it writes what the eager backward writes, 0 on inactive rows, into a
     new tensor or over the logits."""
     z, ids, active = _hard_logits(kind, dtype)
-    _, entropy, norm = ts_mod._forward_torch(z, ids, active, 1.0 / tau, True)
+    _, entropy, norm = ts_mod.forward_eager(z, ids, active, 1.0 / tau, True)
     g = torch.Generator().manual_seed(3)
     gl = torch.randn(ids.shape, generator=g)
     ge = torch.randn(ids.shape, generator=g) if with_entropy_grad else None
-    want = ts_mod._backward_torch(z, ids, active, norm, entropy, gl, ge, 1.0 / tau, torch.full_like(z, float("nan")))
+    want = ts_mod.backward_eager(z, ids, active, norm, entropy, gl, ge, 1.0 / tau, torch.full_like(z, float("nan")))
     z = z.clone()  # the slice's own storage, so that in place overwrites nothing else
     out = z if inplace else torch.full_like(z, float("nan"))  # poisoned: every element must be written
     assert ts_mod.grad_cpu(z, ids, active, norm, entropy, gl, ge, 1.0 / tau, out) is out
-    assert ts_mod._COMPILED_GRAD["ran"] and not ts_mod._COMPILED_GRAD["failed"]
+    assert ts_mod.ROW_GRADS.ran and not ts_mod.ROW_GRADS.failed
     assert bool(torch.isfinite(out).all())
     assert bool((out[~active] == 0).all()), "inactive rows must be exactly 0"
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == F32 else {"rtol": 1.6e-2, "atol": 1e-5}
@@ -471,22 +471,22 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(ts_mod, "_COMPILED", {"fn": broken, "ran": False, "failed": False, "warned": False})
+    monkeypatch.setattr(ts_mod, "ROW_STATS", ts_mod.CompiledPass(fn=broken))
     z, ids, active = _hard_logits("masked", F32)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         out = ts_mod.forward_cpu(z, ids, active, 1.0, True)
-    assert ts_mod._COMPILED["failed"]
-    for got, want in zip(out, ts_mod._forward_torch(z, ids, active, 1.0, True)):
+    assert ts_mod.ROW_STATS.failed
+    for got, want in zip(out, ts_mod.forward_eager(z, ids, active, 1.0, True)):
         assert torch.equal(got, want)
     ts_mod.forward_cpu(z, ids, active, 1.0, True)  # no second warning, no second attempt
 
 
 def test_eager_switch(monkeypatch):
     monkeypatch.setenv("GRPO_FAST_EAGER", "1")
-    monkeypatch.setattr(ts_mod, "_COMPILED", {"fn": None, "ran": False, "failed": False, "warned": False})
+    monkeypatch.setattr(ts_mod, "ROW_STATS", ts_mod.CompiledPass())
     z, ids, active = _hard_logits("random", F32)
     ts_mod.forward_cpu(z, ids, active, 1.0, True)
-    assert ts_mod._COMPILED["fn"] is None  # never compiled
+    assert ts_mod.ROW_STATS.fn is None  # never compiled
 
 
 def test_slices_of_new_buffers_do_not_recompile():
@@ -501,7 +501,7 @@ def test_slices_of_new_buffers_do_not_recompile():
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
         warnings.simplefilter("error")  # a recompile would surface as the fallback's warning
         out = ts_mod.forward_cpu(bigger[1:4, 2:8], ids2[1:4, 2:8], active2[1:4, 2:8], 1.0, True)
-    want = ts_mod._forward_torch(bigger[1:4, 2:8], ids2[1:4, 2:8], active2[1:4, 2:8], 1.0, True)
+    want = ts_mod.forward_eager(bigger[1:4, 2:8], ids2[1:4, 2:8], active2[1:4, 2:8], 1.0, True)
     torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=2e-5)
 
 
@@ -516,7 +516,7 @@ def test_forked_child_uses_the_eager_path():
     inherited compile workers): it computes the same numbers on the eager path, promptly."""
     z, ids, active = _hard_logits("masked", F32)
     ts_mod.forward_cpu(z, ids, active, 1.0, True)  # the parent compiles (inductor's workers start)
-    assert ts_mod._COMPILED["ran"]
+    assert ts_mod.ROW_STATS.ran
     context = torch.multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child_stats, args=(queue,))
@@ -527,5 +527,5 @@ def test_forked_child_uses_the_eager_path():
         child.kill()
     assert not alive, "the forked child hung"
     z, ids, active = _hard_logits("wide", torch.float16)
-    want = ts_mod._forward_torch(z, ids, active, 1.0, False)[0]
+    want = ts_mod.forward_eager(z, ids, active, 1.0, False)[0]
     torch.testing.assert_close(torch.tensor(queue.get(timeout=10)), want, rtol=1e-5, atol=2e-5)

@@ -1,6 +1,6 @@
-"""The README's "Train on your own data" section, run as written.
+"""The "Train on your own data" section of docs/trainer.md, run as written.
 
-The section's shell blocks are taken from README.md and run by bash in an empty directory, after a tiny
+The section's shell blocks are taken from docs/trainer.md and run by bash in an empty directory, after a tiny
 Qwen2 with a character tokenizer over printable ASCII is saved to ``my-model`` (the directory the
 section's YAML names; a user puts a real model there). Nothing is downloaded.
 """
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def section_commands(title: str = "## Train on your own data") -> list[str]:
-    """The ```bash blocks of one README section."""
-    text = (ROOT / "README.md").read_text()
+    """The ```bash blocks of one section of docs/trainer.md."""
+    text = (ROOT / "docs" / "trainer.md").read_text()
     start = text.index(f"\n{title}\n")
     end = text.find("\n## ", start + 1)
     return re.findall(r"```bash\n(.*?)```", text[start : end if end >= 0 else None], flags=re.S)

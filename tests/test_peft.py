@@ -67,12 +67,12 @@ def test_only_adapters_train(trained):
 
 def test_reference_logprobs_are_the_base_models(trained):
     trainer, _, _ = trained
-    trainer._seed_step()
-    batch = trainer._sample_batch()[0]
-    ref = trainer._ref_logprobs(batch)
+    trainer.seed_step()
+    batch = trainer.sample_batch()[0]
+    ref = trainer.ref_logprobs(batch)
     _, base = tiny()  # the same initialisation, never wrapped
-    torch.testing.assert_close(ref, trainer._logprobs(base, batch), rtol=0, atol=1e-6)
-    policy = trainer._logprobs(trainer.base_model, batch)  # adapters enabled again after the reference pass
+    torch.testing.assert_close(ref, trainer.logprobs(base, batch), rtol=0, atol=1e-6)
+    policy = trainer.logprobs(trainer.base_model, batch)  # adapters enabled again after the reference pass
     assert (policy - ref).abs().max() > 1e-4
 
 

@@ -117,9 +117,9 @@ def test_sft_epochs_checkpoint_and_metrics(tmp_path, one_thread):
 
 
 def test_sft_epoch_order_visits_every_row_once_per_epoch():
-    from grpo_fast.trainer.sft import _RowOrder
+    from grpo_fast.trainer.sft import RowOrder
 
-    order = _RowOrder(7, SFTConfig(num_epochs=2, batch_size=3))
+    order = RowOrder(7, SFTConfig(num_epochs=2, batch_size=3))
     rows = sum((order.next(3) for _ in range(4)), [])  # 12 rows: epoch 1 (7) + 5 of epoch 2
     assert sorted(rows[:7]) == list(range(7)) and len(set(rows[7:])) == 5
 

@@ -1,7 +1,7 @@
 """The float64 spec (grpo_fast/reference.py) against hand-derived numbers, gradcheck and invariants.
 
 Hand examples: each expected value is worked out in the test with math.log / math.exp from the
-formulas in ALGORITHMS.md, and the branch taken (clip active or not) is asserted so the example
+formulas in grpo_fast/reference.py's docstrings, and the branch taken (clip active or not) is asserted so the example
 exercises what it claims. gradcheck covers every loss_type x level x delta x KL option with
 temperature != 1, an entropy bonus and a rollout importance ratio. Run: pytest tests/test_reference.py
 """

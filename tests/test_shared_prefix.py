@@ -223,12 +223,12 @@ def test_trainer_falls_back_when_the_prompt_pass_would_cost_memory(tmp_path):
     activations for the whole step would cost more than one pass, so the update runs the model's own
     forward."""
     trainer = _trainer(tmp_path, True, per_device_train_batch_size=8, gradient_accumulation_steps=2)
-    trainer._seed_step()
-    batch, _ = trainer._sample_batch()  # 4 prompts of 8 tokens x G = 4
+    trainer.seed_step()
+    batch, _ = trainer.sample_batch()  # 4 prompts of 8 tokens x G = 4
     for width, shared in ((10, True), (1, False)):  # average micro-batch: 8 rows x width completion tokens
         ids = torch.full((16, width), 9)
         batch.rollout.completion_ids, batch.rollout.completion_mask = ids, torch.ones_like(ids)
-        assert (trainer._shared_prompts(batch) is not None) == shared  # 32 prompt tokens vs 80, then 8
+        assert (trainer.shared_prompts(batch) is not None) == shared  # 32 prompt tokens vs 80, then 8
     assert _trainer(tmp_path, False)._prefix is None
     assert _trainer(tmp_path, True, gradient_checkpointing=True)._prefix.recompute
 

@@ -157,11 +157,11 @@ def test_token_balanced_passes_give_the_micro_batch_update(tmp_path, data, loss_
                      loss_type=loss_type, max_grad_norm=0.0, max_completion_length=16)  # fmt: skip
         trainer = GRPOTrainer(model, digit_share, cfg, data["train"], tokenizer=tok)
         if split == "rows":
-            monkeypatch.setattr(trainer, "_update_passes", lambda batch, shared, t=trainer: t._micro_batches(batch))
+            monkeypatch.setattr(trainer, "update_passes", lambda batch, shared, t=trainer: t.micro_batches(batch))
         else:
-            trainer._seed_step()
-            batch, _ = trainer._sample_batch()
-            passes, micro = trainer._update_passes(batch, False), trainer._micro_batches(batch)
+            trainer.seed_step()
+            batch, _ = trainer.sample_batch()
+            passes, micro = trainer.update_passes(batch, False), trainer.micro_batches(batch)
             assert sorted(torch.cat(passes).tolist()) == list(range(len(batch)))  # every row once
             width = batch.rollout.prompt_ids.shape[1] + batch.rollout.lengths
             cost = [len(r) * int(width[r].max()) for r in passes]
@@ -174,9 +174,9 @@ def test_token_balanced_passes_give_the_micro_batch_update(tmp_path, data, loss_
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-7)
     tok, model = tiny()
     bnpo = GRPOTrainer(model, digit_share, config(tmp_path / "bnpo", loss_type="bnpo"), data["train"], tokenizer=tok)
-    bnpo._seed_step()
-    batch, _ = bnpo._sample_batch()
-    assert [r.tolist() for r in bnpo._update_passes(batch, True)] == [r.tolist() for r in bnpo._micro_batches(batch)]
+    bnpo.seed_step()
+    batch, _ = bnpo.sample_batch()
+    assert [r.tolist() for r in bnpo.update_passes(batch, True)] == [r.tolist() for r in bnpo.micro_batches(batch)]
 
 
 def test_dynamic_sampling_trains_only_on_groups_with_spread(tmp_path, data):
@@ -186,8 +186,8 @@ def test_dynamic_sampling_trains_only_on_groups_with_spread(tmp_path, data):
     tok, model = tiny()
     cfg = config(tmp_path, dynamic_sampling=True, max_dynamic_sampling_tries=4, per_device_train_batch_size=16)
     trainer = GRPOTrainer(model, odd_prompts_only, cfg, data["train"], tokenizer=tok)
-    trainer._seed_step()
-    batch, sampled = trainer._sample_batch()
+    trainer.seed_step()
+    batch, sampled = trainer.sample_batch()
     assert len(batch.rewards) <= cfg.generation_batch_size and len(sampled.rewards) > len(batch.rewards)
     assert (batch.group_std(cfg.num_generations) > 0).all()
     assert trainer.step()["num_groups_trained"] >= 1
@@ -209,10 +209,10 @@ def test_truncated_completions_can_be_left_out_of_the_loss(tmp_path, data):
     tok, model = tiny()
     cfg = config(tmp_path, max_completion_length=3, mask_truncated_completions=True, per_device_train_batch_size=32)
     trainer = GRPOTrainer(model, digit_share, cfg, data["train"], tokenizer=tok)
-    trainer._seed_step()
-    rollout = trainer._sample_batch()[0].rollout
+    trainer.seed_step()
+    rollout = trainer.sample_batch()[0].rollout
     assert 0 < rollout.truncated.sum() < len(rollout.truncated)
-    mask = trainer._loss_mask(rollout)
+    mask = trainer.loss_mask(rollout)
     assert mask[rollout.truncated].sum() == 0
     assert torch.equal(mask[~rollout.truncated], rollout.completion_mask[~rollout.truncated].float())
 

@@ -11,7 +11,7 @@ inactive batches, -inf logits, ids outside the vocabulary, both backward modes (
 bit-identical run to run), temperature 0.7, and every output the kernels must write poisoned with NaN.
 
 bfloat16 is not tested on CPU: Triton 3.9's interpreter computes tl.dot on bf16 operands wrongly
-(garbage, DESIGN.md "The machines"), so the launchers refuse bf16 under TRITON_INTERPRET=1. The bf16
+(garbage), so the launchers refuse bf16 under TRITON_INTERPRET=1. The bf16
 variants are covered by the offline compile audit (python -m grpo_fast.audit) and by the gpu-marked
 test at the end, which runs only where CUDA is present.
 Run: pytest tests/test_triton_linear.py   (CPU, TRITON_INTERPRET=1 set by tests/conftest.py)
@@ -59,7 +59,7 @@ GRADS = ("grad_hidden", "grad_weight", "grad_bias")
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch, one_thread):
     """Every output a kernel must write in full starts as NaN (atomic accumulators are zeroed on purpose)."""
-    monkeypatch.setattr(lts, "_empty", lambda shape, device: torch.full(shape, float("nan"), device=device))
+    monkeypatch.setattr(lts, "new_output", lambda shape, device: torch.full(shape, float("nan"), device=device))
 
 
 def _inputs(n, h, v, dtype, seed=0, bias=True, scale=3.0):

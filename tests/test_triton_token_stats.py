@@ -307,7 +307,7 @@ def test_low_precision_gradient_is_the_rounded_fp32_gradient(dtype):
 def _store_rounded_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n)
-    ts._store_rounded(y_ptr + offs, x, offs < n, True)
+    ts.store_rounded(y_ptr + offs, x, offs < n, True)
 
 
 def test_soft_bf16_rounding_matches_torch():

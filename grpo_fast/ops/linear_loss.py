@@ -9,7 +9,7 @@ Per chunk of C token rows (torch backend):
     grad_W   += g.T @ h_c  (float32 accumulator)  GEMM 3
 So forward + backward costs the three GEMMs a loss needs (6 N H V flops) and O(C x V) extra memory;
 the backward pass only scales the stored gradients by the upstream gradient. On CPU with a real
-vocabulary (``_COMPILED_MIN_VOCAB``) the row statistics and g are token_stats' compiled row passes,
+vocabulary (``COMPILED_MIN_VOCAB``) the row statistics and g are token_stats' compiled row passes,
 g written over the logits: one (C, V) buffer; otherwise eager passes with a second one.
 
 The gradient can be formed at forward time because the GRPO objective is separable over tokens once
@@ -37,7 +37,7 @@ _GRAD_W_BLOCK = 8192  # vocabulary rows per low-precision grad_W product (8192 x
 # passes (2 reads + 1 read/write of the chunk, no second (C, V) buffer: 134 MB less at V = 151936, see
 # bench.run's fused-linear memory). The compilation costs seconds once per process, which a toy
 # vocabulary (the demo's V = 21) would never earn back.
-_COMPILED_MIN_VOCAB = 8192
+COMPILED_MIN_VOCAB = 8192
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -48,8 +48,8 @@ def default_chunk_rows(vocab: int) -> int:
 class Workspace:
     """Two reusable (C, V) float32 buffers (and a low-precision GEMM output when needed).
 
-    Fresh multi-hundred-MB tensors per chunk would be page-faulted in every time (measured here:
-    exp into a new 134 MB tensor 126 ms, into an existing one 16 ms), so every chunk reuses these.
+    Fresh multi-hundred-MB tensors per chunk would be page-faulted in every time (several times slower
+    than writing into memory already mapped), so every chunk reuses these.
     """
 
     def __init__(self, chunk: int, weight: torch.Tensor, hidden_dtype: torch.dtype):
@@ -227,7 +227,7 @@ def _loss_and_grads(hidden2d, weight, bias, ids, rows, standin, objective, inv_t
     logp_all = standin.clone()  # (B, T) filled in chunk by chunk
     ent_all = torch.zeros_like(standin)
     ws = Workspace(min(chunk, max(rows.numel(), 1)), weight, hidden2d.dtype)
-    compiled = weight.device.type == "cpu" and weight.shape[0] >= _COMPILED_MIN_VOCAB
+    compiled = weight.device.type == "cpu" and weight.shape[0] >= COMPILED_MIN_VOCAB
     for start in range(0, rows.numel(), chunk):
         r = rows[start : start + chunk]
         h_c = hidden2d[r]  # (C, H)

@@ -10,9 +10,9 @@ compiled CPU forward, which computes every row and zeroes the inactive ones.
 Two implementations share the registration below: ``torch`` and ``triton`` (grpo_fast.kernels.token_stats;
 CUDA, or CPU under TRITON_INTERPRET=1). The torch forward on CPU is ``_row_stats`` compiled by
 ``torch.compile`` (inductor turns it into per-row loops: no (rows, V) temporary, one kernel), falling
-back to the eager, row-chunked ``_forward_torch`` where compilation is unavailable or switched off
+back to the eager, row-chunked ``forward_eager`` where compilation is unavailable or switched off
 (``GRPO_FAST_EAGER=1``). The torch backward on CPU is ``_row_grads`` compiled the same way (one read of
-the logits, one write of the gradient), with the eager ``_backward_torch`` as its fallback and on other
+the logits, one write of the gradient), with the eager ``backward_eager`` as its fallback and on other
 devices.
 The op is a ``torch.library.custom_op`` so ``torch.compile(fullgraph=True)`` traces around it.
 """
@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-# Rows per block so that one block of float32 is ~16 MB (27 rows at V = 151936). Measured on this
-# 2-core EPYC, 1024 rows x 151936, forward + backward: 2**22 elements 0.62 s (plain log_softmax +
-# gather under autograd: 0.63 s); 2**21 1.6 s and 2**23 1.4 s; one-row blocks (2**18) 15 s, where the
-# per-op overhead of ~20 small ops per row dominates.
-_BLOCK_ELEMENTS = 1 << 22
+# Rows per block so that one block of float32 is ~16 MB (27 rows at V = 151936): large enough that the
+# ~20 small ops per block do not dominate (one-row blocks are an order of magnitude slower), small
+# enough to stay in cache; the size was chosen by timing 2**21, 2**22 and 2**23 on a CPU.
+BLOCK_ELEMENTS = 1 << 22
 
 
-def _block_rows(vocab: int) -> int:
-    return max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+def block_rows(vocab: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(vocab, 1))
 
 
 def _row_blocks(active: torch.Tensor, rows: int):
@@ -57,14 +58,14 @@ def _shifted_block(block: torch.Tensor, shift: torch.Tensor, inv_tau: float, out
     return out.div_(1.0 / inv_tau) if inv_tau != 1.0 else out  # a division rounds as plain torch's z / tau
 
 
-def _forward_torch(logits, ids, active, inv_tau: float, with_entropy: bool):
+def forward_eager(logits, ids, active, inv_tau: float, with_entropy: bool):
     """Returns (logp, entropy, norm): norm[..., 0] = m, the raw row max, and norm[..., 1] = log s,
     so that log p_v = (z_v - m) / tau - log s with no large cancelling terms (lse = m / tau + log s)."""
     b, t, v = logits.shape
     logp = logits.new_zeros((b, t), dtype=torch.float32)
     entropy = torch.zeros_like(logp)
     norm = logits.new_zeros((b, t, 2), dtype=torch.float32)
-    rows = _block_rows(v)
+    rows = block_rows(v)
     x_buf = logits.new_empty((rows, v), dtype=torch.float32)
     p_buf = torch.empty_like(x_buf)
     for i, t0, t1 in _row_blocks(active, rows):
@@ -84,7 +85,7 @@ def _forward_torch(logits, ids, active, inv_tau: float, with_entropy: bool):
 
 
 def _row_stats(logits, ids, active, tau, with_entropy: bool, with_norm: bool = True):
-    """``_forward_torch``'s statistics for every row at once, written for ``torch.compile``: the same
+    """``forward_eager``'s statistics for every row at once, written for ``torch.compile``: the same
     formulas (shift by the row max, then divide by tau), but as whole-tensor expressions that inductor
     fuses into a max pass and one pass of sums per row, so nothing of size V is stored. tau: 0-d float32
     tensor (a Python float would compile once per temperature). with_norm False: no norm (None), for
@@ -108,50 +109,61 @@ def _row_stats(logits, ids, active, tau, with_entropy: bool, with_norm: bool = T
     return logp, entropy, norm
 
 
-_COMPILED = {"fn": None, "ran": False, "failed": False, "warned": False}  # _row_stats
-_COMPILED_GRAD = {"fn": None, "ran": False, "failed": False, "warned": False}  # _row_grads
+@dataclass
+class CompiledPass:
+    """A CPU pass compiled on its first use in this process: fn (the compiled function), whether it ran,
+    whether compiling failed (then the eager path is used for good), whether that was warned about."""
+
+    fn: Callable | None = None
+    ran: bool = False
+    failed: bool = False
+    warned: bool = False
+
+
+ROW_STATS = CompiledPass()  # _row_stats
+ROW_GRADS = CompiledPass()  # _row_grads
 # The compiled path runs only in the process that imported this module: a process forked from it inherits
 # inductor's compile workers and locks mid-state and can deadlock in them (seen with fork-started trainers).
 _HOME_PID = os.getpid()
 
 
-def _run_compiled(state: dict, fn, args: tuple, eager, what: str):
-    """``state["fn"]`` (``fn`` compiled once per process, dynamic shapes) on args, or ``eager()`` when
+def _run_compiled(state: CompiledPass, fn, args: tuple, eager, what: str):
+    """``state.fn`` (``fn`` compiled once per process, dynamic shapes) on args, or ``eager()`` when
     compilation is switched off (``GRPO_FAST_EAGER=1``), has never worked here (e.g. no C++ compiler; a
     warning says so), fails for this call, or this is a forked child (see ``_HOME_PID``)."""
     off = os.environ.get("GRPO_FAST_EAGER", "").lower() in ("1", "true", "yes", "on")
-    if off or state["failed"] or os.getpid() != _HOME_PID:
+    if off or state.failed or os.getpid() != _HOME_PID:
         return eager()
-    if state["fn"] is None:
-        state["fn"] = torch.compile(fn, dynamic=True, fullgraph=True)
+    if state.fn is None:
+        state.fn = torch.compile(fn, dynamic=True, fullgraph=True)
     try:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-            out = state["fn"](*args)
+            out = state.fn(*args)
     except Exception as err:  # a toolchain or compiler failure: the eager path computes the same numbers
-        state["failed"] = not state["ran"]  # it never worked in this process: stop trying
-        if not state["warned"]:
-            state["warned"] = True
+        state.failed = not state.ran  # it never worked in this process: stop trying
+        if not state.warned:
+            state.warned = True
             reason = f"{type(err).__name__}: {str(err)[:300]}"
             message = f"grpo_fast: torch.compile of the CPU {what} failed ({reason}); using the eager path"
             warnings.warn(message, RuntimeWarning, stacklevel=4)
         return eager()
-    state["ran"] = True
+    state.ran = True
     return out
 
 
 def forward_cpu(logits, ids, active, inv_tau: float, with_entropy: bool, with_norm: bool = True):
     """The compiled ``_row_stats`` (compiled once per process and variant: dtype, entropy and norm flags,
-    sizes of 1; any other shape reuses it), or ``_forward_torch`` where ``_run_compiled`` says so or the
+    sizes of 1; any other shape reuses it), or ``forward_eager`` where ``_run_compiled`` says so or the
     input is empty. with_norm False may return None for the norm (the compiled path then never allocates it)."""
 
     def eager():
-        return _forward_torch(logits, ids, active, inv_tau, with_entropy)
+        return forward_eager(logits, ids, active, inv_tau, with_entropy)
 
     if logits.numel() == 0:
         return eager()
     tau = torch.tensor(1.0 / inv_tau, dtype=torch.float32)
     args = (_baseless(logits), _baseless(ids), _baseless(active), tau, with_entropy, with_norm)
-    return _run_compiled(_COMPILED, _row_stats, args, eager, "token statistics")
+    return _run_compiled(ROW_STATS, _row_stats, args, eager, "token statistics")
 
 
 def _row_grads(logits, ids, active, norm, entropy, grad_logp, grad_entropy, tau, with_entropy_grad: bool, out):
@@ -173,11 +185,11 @@ def _row_grads(logits, ids, active, norm, entropy, grad_logp, grad_entropy, tau,
 
 def grad_cpu(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau: float, out) -> torch.Tensor:
     """d loss / d logits of CPU logits (B, T, V) into ``out`` (which may be the logits themselves) and
-    returned: the compiled ``_row_grads`` (one read, one write), or ``_backward_torch``.
+    returned: the compiled ``_row_grads`` (one read, one write), or ``backward_eager``.
     grad_entropy: None when the loss does not use the entropy."""
 
     def eager():
-        return _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
+        return backward_eager(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
 
     if logits.numel() == 0:
         return eager()
@@ -188,7 +200,7 @@ def grad_cpu(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_ta
     target = None if same else _baseless(out)
     tensors = (logits, ids, active, norm, entropy, grad_logp, ge)
     args = (*(_baseless(t) for t in tensors), tau, with_ent, target)
-    _run_compiled(_COMPILED_GRAD, _row_grads, args, eager, "logit gradients")
+    _run_compiled(ROW_GRADS, _row_grads, args, eager, "logit gradients")
     return out
 
 
@@ -220,10 +232,10 @@ def expected_value(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau: float, out):
+def backward_eager(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau: float, out):
     if not bool(active.all()):
         out[~active] = 0
-    rows = _block_rows(logits.shape[-1])
+    rows = block_rows(logits.shape[-1])
     x_buf = logits.new_empty((rows, logits.shape[-1]), dtype=torch.float32)
     g_buf = torch.empty_like(x_buf)
     for i, t0, t1 in _row_blocks(active, rows):
@@ -263,7 +275,7 @@ def _token_stats_op(
         return logp, entropy, torch.stack([torch.zeros_like(lse), lse], dim=-1)  # m = 0, log s = lse
     if logits.device.type == "cpu":
         return forward_cpu(logits, ids, active, inv_tau, with_entropy)
-    return _forward_torch(logits, ids, active, inv_tau, with_entropy)
+    return forward_eager(logits, ids, active, inv_tau, with_entropy)
 
 
 @_token_stats_op.register_fake
@@ -305,7 +317,7 @@ def _backward(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_t
         )
     if logits.device.type == "cpu":
         return grad_cpu(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
-    return _backward_torch(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
+    return backward_eager(logits, ids, active, norm, entropy, grad_logp, grad_entropy, inv_tau, out)
 
 
 def _setup_context(ctx, inputs, output):

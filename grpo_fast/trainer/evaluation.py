@@ -96,17 +96,57 @@ def _score(
     rows_per_batch = max(1, batch_size // k)
     for start in range(0, len(dataset), rows_per_batch):
         rows = dataset[start : start + rows_per_batch]
-        prompts = [p for p in rows["prompt"] for _ in range(k)]
-        texts = [prompt_text(tokenizer, p) for p in prompts]
-        ids, mask = encode_prompts(tokenizer, texts, max_prompt_length, _device(model))
-        rollout = generate(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, **sampling)
-        columns = {c: [v for v in values for _ in range(k)] for c, values in rows.items() if c != "prompt"}
-        columns["completion_ids"] = completion_id_lists(rollout)
-        completions = decode_completions(tokenizer, columns["completion_ids"], prompts)
-        scores, _ = score_completions(reward_funcs, [1.0] * len(reward_funcs), prompts, completions, columns, *faults)
+        rollout, _, scores, _ = sample_and_score(
+            model, tokenizer, rows, k, reward_funcs, max_new_tokens=max_new_tokens,
+            max_prompt_length=max_prompt_length, faults=faults, **sampling,
+        )  # fmt: skip
         per_function.append(scores)
         lengths.append(rollout.lengths.cpu())
     return torch.cat(per_function), torch.cat(lengths)
+
+
+def sample_and_score(
+    model: nn.Module,
+    tokenizer,
+    rows: dict[str, list],
+    k: int,
+    reward_funcs: Sequence[RewardFunction],
+    *,
+    max_new_tokens: int,
+    max_prompt_length: int | None = None,
+    faults: tuple[float | None, str] = (None, "raise"),
+    **sampling,
+) -> tuple[Rollout, list, torch.Tensor, torch.Tensor]:
+    """Encode -> generate -> decode -> score: k completions of each prompt of ``rows`` (a dataset slice,
+    {column: values} with a ``prompt`` column), rows of one prompt adjacent. ``sampling``: ``generate``'s
+    keyword arguments. Returns (rollout, completions, per-function rewards (N * k, F), their sum (N * k,))."""
+    prompts = [p for p in rows["prompt"] for _ in range(k)]
+    ids, mask = encode_prompts(tokenizer, [prompt_text(tokenizer, p) for p in prompts], max_prompt_length,
+                               _device(model))  # fmt: skip
+    rollout = generate(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, **sampling)
+    completions, scores, total = score_rollout(tokenizer, rows, k, rollout, reward_funcs, faults=faults)
+    return rollout, completions, scores, total
+
+
+def score_rollout(
+    tokenizer,
+    rows: dict[str, list],
+    k: int,
+    rollout: Rollout,
+    reward_funcs: Sequence[RewardFunction],
+    weights: Sequence[float] | None = None,
+    faults: tuple[float | None, str] = (None, "raise"),
+) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Decode the k completions of each prompt of ``rows`` and score them; the reward functions see the
+    rows' other columns and ``completion_ids``. Returns (completions, per-function rewards (N * k, F),
+    their weighted sum (N * k,)); ``faults`` = the functions' (timeout, on_error)."""
+    prompts = [p for p in rows["prompt"] for _ in range(k)]
+    columns = {c: [v for v in values for _ in range(k)] for c, values in rows.items() if c != "prompt"}
+    columns["completion_ids"] = completion_id_lists(rollout)
+    completions = decode_completions(tokenizer, columns["completion_ids"], prompts)
+    weights = [1.0] * len(reward_funcs) if weights is None else list(weights)
+    scores, total = score_completions(reward_funcs, weights, prompts, completions, columns, *faults)
+    return completions, scores, total
 
 
 def _device(model: nn.Module) -> torch.device:

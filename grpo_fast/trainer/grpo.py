@@ -44,7 +44,7 @@ from .batch import Batch, TrainerState
 from .config import GRPOConfig
 from .distributed import Dist, gathered, init_from_env, is_fsdp, wrap_policy
 from .engines import SamplingSettings, build_engine
-from .evaluation import completion_id_lists, decode_completions, prompt_text
+from .evaluation import completion_id_lists, prompt_text, score_rollout
 from .inputs import (
     apply_peft,
     as_dataset,
@@ -60,7 +60,7 @@ from .inputs import (
 )
 from .metrics import MetricsLog, format_metrics, peak_memory_mib
 from .modeling import backbone_and_head
-from .rewards import reward_name, score_completions
+from .rewards import reward_name
 from .rollout import Rollout, encode_prompts
 from .run_dir import RunDirectory
 from .schedule import lr_lambda
@@ -126,7 +126,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         self.backbone, self.head = backbone_and_head(self.base_model)
         check_tokenizer(self.tokenizer, self.base_model)
         self.use_bf16 = use_bf16(config.bf16, self.device)
-        # dapo/cispo divide by num_items_in_batch / world_size: see _optimizer_step for the other types
+        # dapo/cispo divide by num_items_in_batch / world_size: see optimizer_step for the other types
         self.loss_config = config.loss_config().replace(world_size=self.dist.world_size)
         self.ref_model = frozen_copy(model) if config.beta > 0 and not self.is_peft else None
         if config.gradient_checkpointing:
@@ -159,22 +159,22 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         """One GRPO iteration: sample G completions per prompt, reward, advantages, update the policy."""
         cfg, start = self.config, time.perf_counter()
         self._step_start, self._weights_changed = dataclasses.replace(self.state), False  # for a Ctrl-C
-        self._seed_step()
+        self.seed_step()
         with gathered(self._policy):  # FSDP2: parameters stay gathered for sampling and forward-only passes
             self.engine.sync_weights(self.model)
-            batch, sampled = self._sample_batch()  # G completions per prompt with their rewards
-            batch.advantages = self._advantages(batch)
+            batch, sampled = self.sample_batch()  # G completions per prompt with their rewards
+            batch.advantages = self.compute_advantages(batch)
             rollout_done = time.perf_counter()
             # Old-policy log-probs only matter when the batch is reused (mu > 1) or for the rollout
             # correction; with mu = 1 they equal the current log-probs, which the loss detaches itself.
             # Reference log-probs only when beta > 0.
             correct = cfg.vllm_importance_sampling_correction and batch.sampling_logprobs is not None
-            old_logprobs = self._logprobs(self.base_model, batch) if cfg.num_iterations > 1 or correct else None
+            old_logprobs = self.logprobs(self.base_model, batch) if cfg.num_iterations > 1 or correct else None
             ratio, self._correction_stats = self._rollout_correction(batch, old_logprobs) if correct else (None, None)
-            ref_logprobs = self._ref_logprobs(batch) if cfg.beta > 0 else None
+            ref_logprobs = self.ref_logprobs(batch) if cfg.beta > 0 else None
         if cfg.num_iterations == 1:
             old_logprobs = None  # on-policy: ratio exactly 1
-        updates = [self._optimizer_step(batch, old_logprobs, ref_logprobs, ratio) for _ in range(cfg.num_iterations)]
+        updates = [self.optimizer_step(batch, old_logprobs, ref_logprobs, ratio) for _ in range(cfg.num_iterations)]
         self.sampled = sampled  # for the trackers' completions table
         self.state.step += 1
         self._sync_ref_model()
@@ -182,7 +182,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         times = {"rollout": rollout_done - start, "update": time.perf_counter() - rollout_done}
         return self._step_metrics(sampled, batch, updates, times)
 
-    def _sample_batch(self) -> tuple[Batch, Batch]:
+    def sample_batch(self) -> tuple[Batch, Batch]:
         """(this rank's batch to train on, everything this rank sampled this step — for the logs).
 
         Every rank draws the global list of prompts (the list one process would draw) and samples its
@@ -200,7 +200,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
             rows = self._next_prompts(missing)
             lo, hi = d.shard_bounds(missing)
             keys = list(range(first + lo, first + hi))  # positions of this rank's prompts in the stream
-            sampled.append(self._rollout_and_score(rows[lo:hi], keys) if keys else self._empty_batch())
+            sampled.append(self.rollout_and_score(rows[lo:hi], keys) if keys else self._empty_batch())
             if not cfg.dynamic_sampling:
                 return sampled[0], sampled[0]
             spread = (sampled[-1].group_std(g) > 0).nonzero().squeeze(1)
@@ -219,7 +219,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         return Batch(rollout, torch.zeros(0), torch.zeros((0, len(self.reward_funcs))),
                      keys=torch.zeros(0, dtype=torch.long))  # fmt: skip
 
-    def _advantages(self, batch: Batch) -> torch.Tensor:
+    def compute_advantages(self, batch: Batch) -> torch.Tensor:
         """(B,) group advantages; with scale_rewards="batch" and several processes, the batch std is that of
         every rank's rewards (gathered in stream order, so the result equals the 1-process one bit for bit)."""
         cfg, g = self.config, self.config.num_generations
@@ -252,7 +252,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
                  float(delta.max()) if delta.numel() else 0.0)  # fmt: skip
         return ratio, stats
 
-    def _rollout_and_score(self, rows: list[int], keys: list[int] | None = None) -> Batch:
+    def rollout_and_score(self, rows: list[int], keys: list[int] | None = None) -> Batch:
         """Sample G completions for each of the dataset rows ``rows`` and score them.
 
         keys: the rows' positions in the training stream (they seed each group's sampler); None = the
@@ -260,7 +260,6 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         """
         cfg, g, tok = self.config, self.config.num_generations, self.tokenizer
         examples = self.train_dataset[rows]  # {column: [value per prompt]}
-        prompts = [p for p in examples["prompt"] for _ in range(g)]  # (B,) = prompts x G, grouped
         texts = [prompt_text(tok, p) for p in examples["prompt"]]
         ids, mask = encode_prompts(tok, texts, cfg.max_prompt_length, self.device)  # each prompt once
         ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)  # (B, P): G rows per prompt
@@ -271,11 +270,8 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         with self._autocast():
             generation = self.engine.generate(ids, mask, self._group_seeds(keys), g, settings)
         rollout = generation.rollout
-        columns = {k: [v for v in values for _ in range(g)] for k, values in examples.items() if k != "prompt"}
-        columns["completion_ids"] = completion_id_lists(rollout)
-        completions = decode_completions(tok, columns["completion_ids"], prompts)
-        per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, prompts, completions, columns,
-                                              cfg.reward_timeout, cfg.on_reward_error)  # fmt: skip
+        _, per_func, rewards = score_rollout(tok, examples, g, rollout, self.reward_funcs, self.reward_weights,
+                                             (cfg.reward_timeout, cfg.on_reward_error))  # fmt: skip
         return Batch(rollout, rewards, per_func, keys=torch.tensor(keys, dtype=torch.long),
                      sampling_logprobs=generation.sampling_logprobs)  # fmt: skip
 
@@ -292,7 +288,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
             self.state.data_cursor += 1
         return rows
 
-    def _seed_step(self) -> None:
+    def seed_step(self) -> None:
         """Seed torch's global RNG from (seed, step): resumes need no RNG replay. (Sampling draws from one
         generator per prompt group: ``_group_seeds``.)"""
         torch.manual_seed(_mix(self.config.seed, self.state.step, 0))

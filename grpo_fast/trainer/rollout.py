@@ -3,7 +3,7 @@
 One prefill of the left-padded prompts, then one token per step for the whole batch with the model's
 KV cache; rows that emitted EOS keep producing padding until every row is done or the length budget is
 spent. A hand-written loop rather than ``model.generate``: on the 2-core CPU it was ~20% faster for
-the demo model (TARGETS.md), and it keeps the sampler's random stream in one explicit generator so a
+the demo model (measured when it was written), and it keeps the sampler's random stream in one explicit generator so a
 run resumed from a checkpoint samples exactly the same tokens.
 
 Sampling follows the usual order: logits / temperature, then top-k, then top-p (nucleus), then a

@@ -14,8 +14,8 @@ logits (tests check the two give the same gradients).
 Batches are padded (prompts on the left, completions on the right); rows are drawn with replacement
 (``num_epochs=None``, the demo's warm-start) or in seeded shuffled epochs. Early stopping on greedy dev
 accuracy, checked every ``eval_steps``: SFT accuracy rises in sudden phase transitions, and a policy
-below ~25% greedy accuracy gives GRPO almost no signal (TARGETS.md), so the demo's warm-start stops on
-accuracy rather than after a fixed number of steps. With ``output_dir`` set, metrics go to
+below ~25% greedy accuracy gives GRPO almost no signal (few groups hold a right answer), so the demo's
+warm-start stops on accuracy rather than after a fixed number of steps. With ``output_dir`` set, metrics go to
 ``output_dir/metrics.jsonl`` and the final model to ``output_dir/checkpoint-<step>`` (grpo_fast.trainer.checkpoint:
 the same layout and atomic write as the GRPO trainer's checkpoints).
 """
@@ -128,7 +128,7 @@ def sft_train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_decay(config.lr_scheduler_type, config.warmup_steps, total)
     )
-    order = _RowOrder(len(examples), config)
+    order = RowOrder(len(examples), config)
     log = _metrics_log(config)
     start, loss, accuracy, step, tokens = time.perf_counter(), float("nan"), None, 0, 0
     model.train()
@@ -165,7 +165,7 @@ def sft_train(
     }
 
 
-class _RowOrder:
+class RowOrder:
     """Row indices per step: with replacement (num_epochs None), or shuffled epochs, from a seeded generator."""
 
     def __init__(self, size: int, config: SFTConfig):

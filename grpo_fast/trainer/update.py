@@ -64,7 +64,7 @@ def _finite(x: torch.Tensor) -> bool:
 class PolicyUpdate:
     """GRPOTrainer's policy update: log-probs, the fused loss over micro-batches, clipping, AdamW."""
 
-    def _optimizer_step(self, batch: Batch, old_logprobs, ref_logprobs, importance_ratio=None) -> dict[str, float]:
+    def optimizer_step(self, batch: Batch, old_logprobs, ref_logprobs, importance_ratio=None) -> dict[str, float]:
         """Gradient accumulation over micro-batches, clipping, one AdamW step and one scheduler step.
 
         Normalisers are those of the whole generation batch, over every rank: dapo/cispo divide by its
@@ -77,13 +77,13 @@ class PolicyUpdate:
         micro-batches (zero-loss passes where it has none left), so the gradient all-reduces pair up.
         """
         cfg, d = self.config, self.dist
-        mask = self._loss_mask(batch.rollout)  # (B, T)
+        mask = self.loss_mask(batch.rollout)  # (B, T)
         counts = d.all_reduce(torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64))
         num_items = max(float(counts[0]), 1.0)  # loss tokens in the global generation batch (dapo/cispo)
         all_rows = float(counts[1])
         self.optimizer.zero_grad(set_to_none=True)
-        shared = self._shared_prompts(batch)
-        micro_batches = self._update_passes(batch, shared is not None)
+        shared = self.shared_prompts(batch)
+        micro_batches = self.update_passes(batch, shared is not None)
         passes = d.max_int(len(micro_batches)) if d.enabled else len(micro_batches)
         loss_sum, weighted, weights = 0.0, defaultdict(float), defaultdict(float)
         for i in range(passes):
@@ -163,11 +163,11 @@ class PolicyUpdate:
             return None
         return SharedPrefixForward(model, longest, checkpoint=cfg.gradient_checkpointing)
 
-    def _shared_prompts(self, batch: Batch) -> SharedPrompts | None:
+    def shared_prompts(self, batch: Batch) -> SharedPrompts | None:
         """This step's prompt pass, run once per group and shared by the update's passes, or None (then each
         pass runs [prompt; completion] whole). It applies when the batch's rows come in groups with one
         prompt each and the prompt pass, whose activations live for the whole step, has no more tokens than
-        an average micro-batch has completion tokens (a pass's budget, see ``_update_passes``): it never
+        an average micro-batch has completion tokens (a pass's budget, see ``update_passes``): it never
         adds more than one pass's activations to the peak. With G = 8 and prompts shorter than
         completions it is far below that."""
         g = self.config.num_generations
@@ -215,7 +215,7 @@ class PolicyUpdate:
         zero.backward()
 
     @torch.no_grad()
-    def _logprobs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def logprobs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(B, T) per-token log-probs of the completions under ``model`` (forward only, chunked head)."""
         backbone, head = (self.backbone, self.head) if model is self.base_model else backbone_and_head(model)
         logprobs = torch.zeros(batch.rollout.completion_ids.shape, device=self.device)  # (B, T)
@@ -226,7 +226,7 @@ class PolicyUpdate:
         if prefix is not None and groups_share_prompts(everything.prompt_ids, everything.prompt_mask, g):
             with self._autocast():  # each prompt once (forward only: keeps just its keys and values)
                 prompts = prefix.prompt_pass(everything.prompt_ids[::g], everything.prompt_mask[::g])
-        for rows in self._micro_batches(batch):
+        for rows in self.micro_batches(batch):
             r = batch.rollout.select(rows).trim()
             with self._autocast():
                 if prompts is not None:
@@ -239,14 +239,14 @@ class PolicyUpdate:
             logprobs[rows, : r.completion_ids.shape[1]] = stats.logprobs
         return logprobs
 
-    def _ref_logprobs(self, batch: Batch) -> torch.Tensor:
+    def ref_logprobs(self, batch: Batch) -> torch.Tensor:
         """Reference log-probs: the frozen copy, or (peft) the policy with its adapters disabled."""
         if self.ref_model is not None:
-            return self._logprobs(self.ref_model, batch)
+            return self.logprobs(self.ref_model, batch)
         with self.model.disable_adapter():
-            return self._logprobs(self.base_model, batch)
+            return self.logprobs(self.base_model, batch)
 
-    def _micro_batches(self, batch: Batch) -> list[torch.Tensor]:
+    def micro_batches(self, batch: Batch) -> list[torch.Tensor]:
         """Row indices of each micro-batch, rows sorted by completion length so that each micro-batch,
         cut to its own longest completion, carries little padding. The loss is unchanged: its normalisers
         are per sequence or over the whole generation batch (except bnpo's per-micro-batch token mean)."""
@@ -255,7 +255,7 @@ class PolicyUpdate:
         order = batch.rollout.lengths.argsort(stable=True)
         return list(order.split(self.config.per_device_train_batch_size))
 
-    def _update_passes(self, batch: Batch, shared: bool) -> list[torch.Tensor]:
+    def update_passes(self, batch: Batch, shared: bool) -> list[torch.Tensor]:
         """Row indices of the update's forward/backward passes: micro-batches balanced by tokens.
 
         Activation memory grows with a pass's tokens, and with rows sorted by length the last of the
@@ -267,7 +267,7 @@ class PolicyUpdate:
         ``_loss_scale``), except for bnpo's per-micro-batch token mean, which keeps TRL's micro-batches.
         """
         if self.config.loss_type == "bnpo" or len(batch) == 0:
-            return self._micro_batches(batch)
+            return self.micro_batches(batch)
         order = batch.rollout.lengths.argsort(stable=True)
         prompt = 0 if shared else batch.rollout.trim().prompt_ids.shape[1]
         widths = (batch.rollout.lengths[order] + prompt).tolist()  # ascending
@@ -279,7 +279,7 @@ class PolicyUpdate:
                 start = i
         return passes + [order[start:]]
 
-    def _loss_mask(self, rollout: Rollout) -> torch.Tensor:
+    def loss_mask(self, rollout: Rollout) -> torch.Tensor:
         """(B, T) float mask of the tokens in the loss; truncated completions are dropped when asked (DAPO)."""
         mask = rollout.completion_mask.float()
         if self.config.mask_truncated_completions:
