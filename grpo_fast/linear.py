@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference
+from . import objective, reference
 from .config import LossConfig
 from .loss import LossOutput, TokenLogprobs, token_logprobs
 from .ops import linear_loss as ops
@@ -84,22 +84,22 @@ def linear_grpo_loss(
     adv, old, ref = advantages.to(**cast), as_float(old_logprobs), as_float(ref_logprobs)
     ratio = as_float(importance_ratio)
 
-    def objective(logp, entropy):
-        return reference.grpo_objective(logp, entropy, adv, mask, old, ref, config, ratio, num_items_in_batch)
+    def loss_of(logp, entropy):
+        return objective.grpo_objective(logp, entropy, adv, mask, old, ref, config, ratio, num_items_in_batch)
 
     inv_tau = 1.0 / config.temperature
     metrics: dict[str, torch.Tensor] = {}
     if backend == "triton":
         standin = torch.zeros_like(mask) if old is None else old  # log-probs the objective sees at masked tokens
         loss, logp = triton_ops.LinearGRPOTritonFunction.apply(
-            hidden2d, weight, bias, ids.reshape(-1), active, standin, objective, inv_tau, deterministic, metrics
+            hidden2d, weight, bias, ids.reshape(-1), active, standin, loss_of, inv_tau, deterministic, metrics
         )
         return _finish_linear(loss, logp, mask, metrics, hidden2d, weight, bias)
     rows = active.reshape(-1).nonzero().squeeze(1)  # (M,) flat indices of the tokens in the loss
     chunk = _chunk(chunk_size, weight.shape[0])
     standin = _standin(hidden2d, weight, bias, ids, rows, mask, old, config, inv_tau, chunk)
     loss, logp = ops.LinearGRPOFunction.apply(
-        hidden2d, weight, bias, ids.reshape(-1), rows, standin, objective, inv_tau, chunk, metrics
+        hidden2d, weight, bias, ids.reshape(-1), rows, standin, loss_of, inv_tau, chunk, metrics
     )
     return _finish_linear(loss, logp, mask, metrics, hidden2d, weight, bias)
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import reference
+from . import objective, reference
 from .config import LossConfig
 from .ops.token_stats import token_stats
 from .validation import (
@@ -129,7 +129,7 @@ def grpo_loss(
         return LossOutput(_finish(loss, logits), metrics, logp.float())
     logp, entropy = _stats(logits, ids, active, config.temperature, True, backend, inplace_backward)
     mask = active.float()
-    loss, metrics = reference.grpo_objective(
+    loss, metrics = objective.grpo_objective(
         logp,
         entropy,
         advantages.float(),

@@ -1,7 +1,8 @@
 """The executable specification of GRPO: plain PyTorch, any dtype (float64 in tests).
 
-Every fast path in grpo_fast is tested against these functions, and the fast paths from logits
-share ``grpo_objective`` with them: they differ only in how the per-token log-probabilities and
+Every fast path in grpo_fast is tested against these functions. The (B, T) part of the loss,
+``grpo_objective``, lives in ``grpo_fast.objective`` and is shared with the fast paths (re-exported
+here, so the spec reads in one namespace): they differ only in how the per-token log-probabilities and
 entropies are computed from the vocabulary-sized logits.
 
 Shapes: B sequences (prompts x G), T completion tokens, V vocabulary. ``logits[:, t]`` scores
@@ -14,7 +15,35 @@ from __future__ import annotations
 
 import torch
 
-from .config import PPO_CLIP_LOSS_TYPES, LossConfig
+from .config import LossConfig
+from .objective import (  # the (B, T) part of the spec, shared with the fast paths
+    aggregate,
+    aggregation_weights,
+    clip_metrics,
+    dapo_normalizer,
+    grpo_objective,
+    kl_penalty,
+    log_importance_weights,
+    masked_mean,
+    policy_loss,
+)
+
+__all__ = [  # the spec in one namespace: the objective's functions and those from logits below
+    "aggregate",
+    "aggregation_weights",
+    "clip_metrics",
+    "dapo_normalizer",
+    "grpo_objective",
+    "kl_penalty",
+    "log_importance_weights",
+    "masked_mean",
+    "policy_loss",
+    "group_advantages",
+    "grpo_loss",
+    "rollout_importance_ratio",
+    "token_entropy",
+    "token_logprobs",
+]
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -44,177 +73,6 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     # where() goes on the factor, not the product, so the gradient is not 0 * inf = NaN there either.
     finite_logp = torch.where(logp.isneginf(), torch.zeros_like(logp), logp)
     return -(logp.exp() * finite_logp).sum(-1)
-
-
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's estimators).
-
-    k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1 (DeepSeekMath eq. 4,
-    unbiased and >= 0); low_var_kl = k3 with ref - logp clamped to [-20, 20] and the result to [-10, 10]
-    (verl's ``low_var_kl``).
-    """
-    if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "k2":
-        return 0.5 * (logp - ref_logp) ** 2
-    if estimator == "k3":
-        d = ref_logp - logp
-        return torch.exp(d) - d - 1
-    if estimator == "low_var_kl":
-        d = torch.clamp(ref_logp - logp, -20.0, 20.0)
-        return torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
-    raise ValueError(f"kl_estimator must be one of k1, k2, k3, low_var_kl, got {estimator!r}")
-
-
-def log_importance_weights(
-    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str, clamp: float
-) -> torch.Tensor:
-    """log(pi_theta / pi_old): per token (B, T), or per sequence (B, 1) as the masked mean (GSPO).
-
-    Clamped to [-clamp, clamp] before it is exponentiated (verl clamps at 20) so a stale ratio
-    never overflows.
-    """
-    log_ratio = logp - old_logp
-    if level == "sequence":
-        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    return torch.clamp(log_ratio, -clamp, clamp)
-
-
-def policy_loss(coef_1: torch.Tensor, advantages: torch.Tensor, logp: torch.Tensor, config: LossConfig):
-    """Per-token policy loss before masking, and coef_1 as TRL uses it for the clip metrics.
-
-    PPO-clip family: l = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), with r first capped at delta
-    when delta is set (INTELLECT-2). CISPO: l = -sg(min(r, eps_high)) A logp. SAPO:
-    l = -(4 / tau) sigmoid(tau (r - 1)) A with tau = tau_pos if A > 0 else tau_neg.
-    """
-    if config.loss_type == "cispo":
-        return -torch.clamp(coef_1, max=config.eps_high).detach() * advantages * logp, coef_1
-    if config.loss_type == "sapo":
-        pos, neg = (advantages.new_tensor(x) for x in (config.sapo_temperature_pos, config.sapo_temperature_neg))
-        tau = torch.where(advantages > 0, pos, neg)  # in the advantages' dtype (float64 stays exact)
-        return -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * advantages, coef_1
-    coef_2 = torch.clamp(coef_1, 1 - config.epsilon, 1 + config.eps_high)
-    if config.delta is not None:
-        coef_1 = torch.clamp(coef_1, max=config.delta)
-    return -torch.min(coef_1 * advantages, coef_2 * advantages), coef_1
-
-
-def aggregate(
-    per_token_loss: torch.Tensor,
-    mask: torch.Tensor,
-    config: LossConfig,
-    num_items_in_batch: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reduce (B, T) per-token losses to the scalar loss exactly as TRL does for each loss_type:
-    ``sum(aggregation_weights(mask) * per_token_loss)``."""
-    return (aggregation_weights(mask, config, num_items_in_batch) * per_token_loss).sum()
-
-
-def aggregation_weights(
-    mask: torch.Tensor, config: LossConfig, num_items_in_batch: float | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-token weights w of the loss ``(w * l).sum()``: the one table of TRL's normalisers.
-
-    grpo, sapo: mean_i [sum_t l m / max(sum_t m, 1)] / GA;  bnpo: sum l m / max(sum m, 1) / GA;
-    dr_grpo: sum l m / (B * max_completion_length) / GA;  luspo: mean_i [sum_t l m] / GA;
-    dapo, cispo: sum l m / (max(num_items_in_batch, 1) / world_size * GA / steps_per_generation),
-    where num_items_in_batch (default: this batch's mask sum) counts the whole generation batch.
-    The weights depend on the mask only, so a fused kernel can apply them token by token.
-    """
-    ga = config.gradient_accumulation_steps
-    b = mask.size(0)
-    if config.loss_type in ("grpo", "sapo"):
-        return mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / (b * ga)
-    if config.loss_type == "bnpo":
-        return mask / mask.sum().clamp(min=1.0) / ga
-    if config.loss_type == "dr_grpo":
-        return mask / (b * config.max_completion_length * ga)
-    if config.loss_type == "luspo":
-        return mask / (b * ga)
-    return mask / dapo_normalizer(mask, config, num_items_in_batch)
-
-
-def dapo_normalizer(mask: torch.Tensor, config: LossConfig, num_items_in_batch=None) -> torch.Tensor:
-    """TRL's dapo/cispo divisor: num_items_in_batch / world_size * GA / steps_per_generation."""
-    n = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=mask.dtype)
-    steps = config.steps_per_generation or config.gradient_accumulation_steps
-    return n.clamp(min=1.0) / config.world_size * config.gradient_accumulation_steps / steps
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the tokens that count; a (B, 1) x (sequence level) is one value per sequence."""
-    if x.shape[-1] == 1 and mask.shape[-1] != 1:
-        return x.sum() / max(x.shape[0], 1)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def grpo_objective(
-    logp: torch.Tensor,
-    entropy: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    old_logp: torch.Tensor | None = None,
-    ref_logp: torch.Tensor | None = None,
-    config: LossConfig | None = None,
-    importance_ratio: torch.Tensor | None = None,
-    num_items_in_batch: float | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The GRPO loss from per-token log-probs (the (B, T) part; no vocabulary-sized work).
-
-    l_t = rho_t * policy_loss_t + beta * KL_t (KL_t *= r_t with bias correction), aggregated per
-    ``config.loss_type``, minus ``entropy_coef`` times the masked mean entropy / GA.
-
-    Args:
-        logp: (B, T) log-probs of the current policy (differentiable).
-        entropy: (B, T) per-token entropies (differentiable) or None (then no entropy metric/bonus).
-        advantages: (B,) or (B, T).
-        mask: (B, T) completion mask in logp's dtype.
-        old_logp: (B, T) log-probs of the sampling policy; None = on-policy (old = logp.detach()).
-        ref_logp: (B, T) reference-model log-probs; needed when beta > 0.
-        importance_ratio: (B, T) or (B, 1) rollout correction rho (see ``rollout_importance_ratio``).
-        num_items_in_batch: dapo/cispo normaliser (tokens in the generation batch).
-    Returns:
-        (loss, metrics): scalar loss in logp's dtype; metrics under TRL's names, detached.
-    """
-    config = config or LossConfig()
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)  # (B, 1)
-    old_logp = logp.detach() if old_logp is None else old_logp
-    log_w = log_importance_weights(logp, old_logp, mask, config.importance_sampling_level, config.log_ratio_clamp)
-    coef_1 = torch.exp(log_w)  # (B, T) or (B, 1)
-    per_token_loss, clip_coef = policy_loss(coef_1, advantages, logp, config)
-    if importance_ratio is not None:
-        per_token_loss = per_token_loss * importance_ratio
-    metrics: dict[str, torch.Tensor] = {}
-    if config.beta != 0.0:
-        kl = kl_penalty(logp, ref_logp, config.kl_estimator)
-        if config.use_bias_correction_kl:
-            kl = kl * coef_1
-        per_token_loss = per_token_loss + config.beta * kl
-        metrics["kl"] = masked_mean(kl, mask)
-    loss = aggregate(per_token_loss, mask, config, num_items_in_batch)
-    if entropy is not None:
-        mean_entropy = masked_mean(entropy, mask)
-        if config.entropy_coef != 0.0:
-            loss = loss - config.entropy_coef * mean_entropy / config.gradient_accumulation_steps
-        metrics["entropy"] = mean_entropy
-    if config.loss_type in PPO_CLIP_LOSS_TYPES:
-        metrics.update(clip_metrics(clip_coef, advantages, mask, config))
-    elif config.loss_type == "cispo":  # TRL's name: share of A > 0 tokens whose ratio hit the cap
-        metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > config.eps_high) & (advantages > 0)).to(mask.dtype), mask)
-    return loss, {k: v.detach().float() for k, v in metrics.items()}
-
-
-def clip_metrics(coef_1: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, config: LossConfig):
-    """TRL's clip fractions: low = r < 1 - eps_low with A < 0; high = r > 1 + eps_high with A > 0."""
-    low = ((coef_1 < 1 - config.epsilon) & (advantages < 0)).to(mask.dtype)
-    high = ((coef_1 > 1 + config.eps_high) & (advantages > 0)).to(mask.dtype)
-    region = torch.maximum(low, high)
-    return {
-        "clip_ratio/low_mean": masked_mean(low, mask),
-        "clip_ratio/high_mean": masked_mean(high, mask),
-        "clip_ratio/region_mean": masked_mean(region, mask),
-    }
 
 
 def grpo_loss(
