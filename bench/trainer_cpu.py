@@ -18,7 +18,7 @@ import json
 import statistics
 
 from bench.shapes import TrainerShape
-from bench.trainer_steps import TRAINERS, run_paired, trl_available
+from bench.trainer_steps import run_paired, trl_available
 
 
 def main() -> None:
@@ -27,25 +27,33 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer before them")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     p.add_argument("--out", help="also write the step times to this JSON file")
+    p.add_argument("--no-eager", action="store_true", help="without grpo_fast_eager (decode_graphs=off), the paired "
+                   "run that shows what the compiled sampling step gains")  # fmt: skip
     args = p.parse_args()
     if not trl_available():
         p.error("this comparison needs TRL: pip install trl (bench.run's trainer suite runs grpo_fast alone)")
     shape = TrainerShape(32, 8, 40, 64, warmup=args.warmup, rounds=args.steps)
-    result = run_paired(shape, args.checkpointing, TRAINERS)
+    trainers = ("grpo_fast", "trl") if args.no_eager else ("grpo_fast", "grpo_fast_eager", "trl")
+    result = run_paired(shape, args.checkpointing, trainers)
     gc = ", gradient checkpointing" if args.checkpointing else ""
     threads = result["grpo_fast"]["threads"]
     print(f"# one GRPO step: {shape.prompts} prompts x G={shape.group}, <= {shape.max_new} new tokens{gc}, {threads} "
           f"threads; {args.steps} steps each after {args.warmup} warm-up, alternating")  # fmt: skip
-    print(f"{'trainer':10} {'median s':>9} {'min s':>7} {'max s':>7} {'peak extra MiB':>15}")
+    print(f"{'trainer':16} {'median s':>9} {'min s':>7} {'max s':>7} {'peak extra MiB':>15} {'warm-up s':>10}")
     for name, r in result.items():
         s = r["times"]
         mib = r["peak_extra_bytes"] / 2**20
-        print(f"{name:10} {statistics.median(s):9.3f} {min(s):7.3f} {max(s):7.3f} {mib:15.0f}")
+        print(f"{name:16} {statistics.median(s):9.3f} {min(s):7.3f} {max(s):7.3f} {mib:15.0f} {r['warmup_s']:10.1f}")
+    print("(warm-up s: the untimed first steps; grpo_fast's includes compiling its sampling step, see below)")
     _print_phases(result)
     ours, trl = result["grpo_fast"]["times"], result["trl"]["times"]
     ratios = [t / o for o, t in zip(ours, trl)]
     print(f"speed-up (TRL median / grpo_fast median): {statistics.median(trl) / statistics.median(ours):.2f}x; "
           f"per round {min(ratios):.2f}-{max(ratios):.2f}x, median {statistics.median(ratios):.2f}x")  # fmt: skip
+    if "grpo_fast_eager" in result:  # the paired measurement of the compiled sampling step
+        eager = result["grpo_fast_eager"]["times"]
+        print(f"speed-up (TRL median / grpo_fast_eager median, decode_graphs=off): "
+              f"{statistics.median(trl) / statistics.median(eager):.2f}x")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": result}, f, indent=1)
@@ -63,8 +71,10 @@ def _print_phases(result: dict) -> None:
     print(f"{'phase (median s)':18} {'sampling':>9} {'update':>9}")
     for name, (sampling, update) in phases.items():
         print(f"{name:18} {sampling:9.3f} {update:9.3f}")
-    (s_ours, u_ours), (s_trl, u_trl) = phases["grpo_fast"], phases["trl"]
-    print(f"{'TRL / grpo_fast':18} {s_trl / s_ours:8.2f}x {u_trl / u_ours:8.2f}x")
+    for other in ("trl", "grpo_fast_eager"):
+        if other in phases:
+            (s_ours, u_ours), (s_other, u_other) = phases["grpo_fast"], phases[other]
+            print(f"{other + ' / grpo_fast':18} {s_other / s_ours:8.2f}x {u_other / u_ours:8.2f}x")
 
 
 if __name__ == "__main__":
