@@ -296,7 +296,8 @@ def _static_decode_loop(
     s = runner.state
     s.load(decoder, torch.cat([run, run.new_zeros(rows - b)]))  # bucket padding rows: copies of row 0, finished
     s.position.zero_()[:b] = position_ids_from_mask(prompt_mask)[:, -1] + 1
-    token = sample_next_token(logits[run], temperature, top_p, top_k, generator, None if uniforms is None else uniforms[:, 0])
+    first_uniform = None if uniforms is None else uniforms[:, 0]
+    token = sample_next_token(logits[run], temperature, top_p, top_k, generator, first_uniform)
     tokens = prompt_ids.new_full((b, max_new_tokens), pad)
     tokens[:, 0] = token
     s.token.zero_()[:b] = token

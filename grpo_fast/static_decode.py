@@ -118,10 +118,10 @@ class StepState:
         n = len(decoder.inner.layers)
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
-        long = dict(dtype=torch.long, device=device)
-        return StepState(keys, values, torch.zeros(rows, capacity, dtype=torch.bool, device=device),
-                         torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(1, **long),
-                         torch.zeros(rows, dtype=torch.bool, device=device), torch.ones(rows, device=device))  # fmt: skip
+        long, flag = dict(dtype=torch.long, device=device), dict(dtype=torch.bool, device=device)
+        return StepState(keys, values, torch.zeros(rows, capacity, **flag), torch.zeros(rows, **long),
+                         torch.zeros(rows, **long), torch.zeros(1, **long), torch.zeros(rows, **flag),
+                         torch.ones(rows, device=device))  # fmt: skip
 
     def load(self, decoder: LeanDecoder, rows: torch.Tensor) -> None:
         """Copy the prefilled cache of ``decoder`` (its rows ``rows``, in that order) into the buffers;
