@@ -37,8 +37,9 @@ from bench.shapes import TrainerShape
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = ("grpo_fast", "trl")
-# grpo_fast variants: GRPOConfig fields over the common ones ("grpo_fast_eager": the rollout's eager steps)
-VARIANTS = {"grpo_fast": {}, "grpo_fast_eager": {"decode_graphs": "off"}}
+# grpo_fast variants: GRPOConfig fields over the common ones ("grpo_fast_compiled": the rollout's fixed-shape
+# step compiled, grpo_fast.static_decode; the CPU default is eager steps)
+VARIANTS = {"grpo_fast": {}, "grpo_fast_compiled": {"decode_graphs": "on"}}
 LEARNING_RATE = 1e-4
 MARK = "@@trainer_steps "  # the start of a protocol line on a child's stdout
 

@@ -33,7 +33,10 @@ from torch import nn
 from .decoding import STATIC_ROPE_TYPES, LeanDecoder, project_qkv, sample_next_token
 
 SETTINGS = ("auto", "on", "off")
-CPU_AUTO = "compile"  # decode_graphs=auto on CPU: the compiled step (bench/results/ has the paired measurement)
+# decode_graphs=auto on CPU: None = eager LeanDecoder steps. The compiled step did not pay on the 2-core CPU at
+# the demo's shape (bench/results/rollout_cpu.txt): it keeps finished rows in the batch and its attention reads
+# the whole bucket, which costs more there than the per-op overhead it removes.
+CPU_AUTO: str | None = None
 MIN_BATCH_BUCKET = 8
 CAPACITY_STEP = 32
 MAX_RUNNERS_PER_MODEL = 4  # buckets kept alive per model (each holds a full cache)
@@ -210,7 +213,8 @@ def runner_for(decoder: LeanDecoder, rows: int, capacity: int, sampling: Samplin
     """The model's runner for this (bucket, dtype, sampling, mode), built on first use; the least recently
     used beyond ``MAX_RUNNERS_PER_MODEL`` are dropped (their caches freed)."""
     runners = _RUNNERS.setdefault(decoder.model, {})
-    key = (rows, capacity, _cache_dtype(decoder), torch.is_autocast_enabled(), sampling, mode)
+    device = decoder.inner.embed_tokens.weight.device.type
+    key = (rows, capacity, _cache_dtype(decoder), torch.is_autocast_enabled(device), sampling, mode)
     runner = runners.pop(key, None) or StepRunner(decoder, rows, capacity, sampling, mode)
     runners[key] = runner  # most recently used last
     while len(runners) > MAX_RUNNERS_PER_MODEL:
@@ -224,6 +228,8 @@ def static_reason(model: nn.Module, mode: str) -> str | None:
     if rope not in STATIC_ROPE_TYPES:
         return f"rotary type {rope!r} depends on the sequence length"
     device = model.get_output_embeddings().weight.device
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return "sharded parameters (DTensor, FSDP): a graph would keep reading one shard's addresses"
     if mode == "graph" and device.type != "cuda":
         return f"CUDA graphs need a CUDA device (the model is on {device.type})"
     if mode == "compile" and device.type != "cpu":
@@ -238,7 +244,8 @@ def step_mode(model: nn.Module, setting: str) -> str | None:
     """The step for ``decode_graphs=setting``: "graph" (CUDA), "compile" (CPU), or None (eager LeanDecoder).
 
     "on" where the step cannot run is a ValueError naming the reason; "auto" is the CUDA graph on CUDA,
-    ``CPU_AUTO`` on CPU, and eager for a model whose step failed before (``fall_back``).
+    ``CPU_AUTO`` on CPU (unless ``GRPO_FAST_EAGER=1``), and eager for a model whose step failed before
+    (``fall_back``).
     """
     if setting == "off":
         return None

@@ -310,3 +310,25 @@ def test_decode_graphs_setting_is_checked_and_auto_falls_back_with_a_warning(mon
         auto = rollout.generate(model, ids, mask, 4, 1, 0, decode_graphs="auto", **greedy)
     assert torch.equal(auto.completion_ids, rollout.generate(model, ids, mask, 4, 1, 0, **greedy).completion_ids)
     assert static_decode.step_mode(model, "auto") is None  # remembered: no second try, no second warning
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.parametrize("name", ["qwen2", "llama_gqa"])
+def test_cuda_graph_step_same_tokens_as_eager(name):
+    """On CUDA, decode_graphs="on" captures the fixed-shape step as a CUDA graph and replays it per token:
+    the completions equal the eager loop's (fp32, per-row uniforms, top-p, EOS mid-batch), over two rollouts
+    (the second replays the graph captured by the first)."""
+    from grpo_fast import static_decode
+
+    model = _model(name).cuda()
+    ids, mask = (x.cuda() for x in _batch(b=6, p=9, t=0, seed=6))
+    eos = _mid_batch_eos(model, ids, mask)
+    for seed in (3, 4):
+        uniforms = 1.0 - torch.rand(6, 8, generator=torch.Generator().manual_seed(seed)).cuda()
+        kw = dict(temperature=0.9, top_p=0.9, uniforms=uniforms)
+        on = rollout.generate(model, ids, mask, 8, eos, 0, decode_graphs="on", **kw)
+        off = rollout.generate(model, ids, mask, 8, eos, 0, decode_graphs="off", **kw)
+        assert torch.equal(on.completion_ids, off.completion_ids)
+    runners = list(static_decode._RUNNERS[model].values())
+    assert len(runners) == 1 and runners[0].graph is not None
