@@ -12,6 +12,8 @@ Sections, in order, each in its own process with its own time box (a share of wh
   kernels      log-probs and the GRPO loss from logits and from hidden states at Qwen2.5 / Llama-3 shapes,
                bf16 and fp32, against plain torch, torch.compile, TRL, Liger and Cut Cross-Entropy where
                they import: time, GB/s or TFLOP/s and % of the measured ceiling, peak memory
+  rollout      sampling tokens/s on a Qwen2.5-0.5B-shaped model (random weights): grpo_fast's eager steps,
+               its fixed-shape step replayed as a CUDA graph (the dry run: compiled on CPU), model.generate
   trainer      GRPO steps on a Qwen2.5-0.5B-shaped model (random weights), grpo_fast and TRL alternating
 A section that fails, crashes or runs out of time is recorded with its reason and the next one runs.
 ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` are rewritten whenever a section saves a result, and
@@ -40,7 +42,7 @@ from bench import gpu_report
 
 ROOT = Path(__file__).resolve().parent.parent
 # each section's share of the time left when it starts, relative to the sections after it
-WEIGHTS = {"environment": 0.05, "tests": 0.25, "kernels": 0.42, "trainer": 0.28}
+WEIGHTS = {"environment": 0.05, "tests": 0.23, "kernels": 0.38, "rollout": 0.1, "trainer": 0.24}
 FAIL_ENV = "GPU_CHECK_FAIL"  # sections that raise at their start
 STALL_ENV = "GPU_CHECK_STALL"  # sections that save a partial result, then hang (to check the time box)
 MIN_SECTION_S = 5.0  # below this a section is not started

@@ -34,12 +34,13 @@ def render(data: dict) -> str:
         lines += ["", "**Dry run**: CPU, tiny shapes, Triton under the interpreter. It shows that the script runs;"
                   " its figures are not performance."]  # fmt: skip
     lines += ["", "| section | status | seconds | reason |", "|---|---|---|---|"]
-    for name in ("environment", "tests", "kernels", "trainer"):
+    for name in ("environment", "tests", "kernels", "rollout", "trainer"):
         s = data[name]
         lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {_cell(s.get('reason', ''))} |")
     if "wheels" in data:
         lines += ["", f"Wheels: {data['wheels']['status']} {', '.join(data['wheels'].get('wheels', []))}"]
     lines += _environment(data["environment"]) + _tests(data["tests"]) + _kernels(data["kernels"])
+    lines += _rollout(data.get("rollout", {}))
     return "\n".join(lines + _trainer(data["trainer"]))
 
 
@@ -122,4 +123,16 @@ def _trainer(s: dict) -> list[str]:
                      f"{r['tokens_per_s']:.4g} | {r['peak_extra_mib']:.0f} |")  # fmt: skip
     if "trl" in s:
         lines.append(f"\n{s['trl']}")
+    return lines
+
+
+def _rollout(s: dict) -> list[str]:
+    if "shape" not in s:
+        return []
+    shape = s["shape"]
+    lines = ["", f"## Rollout: {shape['model']}, {shape['rows']} rows, {shape['prompt']} prompt + {shape['new']} new "
+             f"tokens, {shape['dtype']}", "", "| method | tokens / s | median s | first call s (compile / capture) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in s["rows"]:
+        lines.append(f"| {r['method']} | {r['tokens_per_s']:.4g} | {r['median_s']:.3g} | {r['first_call_s']:.3g} |")
     return lines

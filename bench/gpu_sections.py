@@ -1,4 +1,4 @@
-"""The four sections of ``bench.gpu_check``, each run in its own process by ``python -m bench.gpu_check
+"""The five sections of ``bench.gpu_check``, each run in its own process by ``python -m bench.gpu_check
 --section NAME`` (the parent starts it, time-boxes it and merges what it saved).
 
 Each section fills ``ctx.state`` and calls ``ctx.save()`` whenever it has a result, so what it found
@@ -271,4 +271,12 @@ def _trainer_summary(shape: TrainerShape, r: dict) -> dict:
             "memory_kind": r["memory_kind"], "times": r["times"], "warmup_s": r["warmup_s"]}  # fmt: skip
 
 
-SECTIONS = {"environment": environment, "tests": tests, "kernels": kernels, "trainer": trainer}
+def rollout(ctx: Context) -> None:
+    """Sampling tokens/s: eager steps, the graph-replayed (CPU: compiled) step, model.generate."""
+    from bench import gpu_rollout
+
+    gpu_rollout.run(ctx)
+
+
+SECTIONS = {"environment": environment, "tests": tests, "kernels": kernels, "rollout": rollout,
+            "trainer": trainer}  # fmt: skip

@@ -37,6 +37,9 @@ from bench.shapes import TrainerShape
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = ("grpo_fast", "trl")
+# grpo_fast variants: GRPOConfig fields over the common ones ("grpo_fast_compiled": the rollout's fixed-shape
+# step compiled, grpo_fast.trainer.static_decode; the CPU default is eager steps)
+VARIANTS = {"grpo_fast": {}, "grpo_fast_compiled": {"decode_graphs": "on"}}
 LEARNING_RATE = 1e-4
 MARK = "@@trainer_steps "  # the start of a protocol line on a child's stdout
 
@@ -116,11 +119,12 @@ class _Gate:
                  memory_kind=self.peak.kind, threads=torch.get_num_threads())  # fmt: skip
 
 
-def _child_grpo_fast(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> None:
+def _child_grpo_fast(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate, variant: str) -> None:
     from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
     tokenizer, model, data, reward = _model_and_data(device, shape)
-    trainer = GRPOTrainer(model, [reward], GRPOConfig(**_common(shape, out, gc)), data, tokenizer=tokenizer)
+    config = GRPOConfig(**_common(shape, out, gc), **VARIANTS[variant])
+    trainer = GRPOTrainer(model, [reward], config, data, tokenizer=tokenizer)
     gate.say(ready=True)
     for _ in range(shape.warmup + shape.rounds):
         gate.begin()
@@ -169,9 +173,11 @@ def child_main(argv: list[str]) -> None:
     trainer, gc, shape = argv[0], argv[1] == "gc", TrainerShape(**json.loads(argv[2]))
     device = harness.bench_device()
     gate = _Gate(device, shape.warmup)
-    run = _child_grpo_fast if trainer == "grpo_fast" else _child_trl
     with tempfile.TemporaryDirectory() as out:
-        run(shape, gc, out, device, gate)
+        if trainer in VARIANTS:
+            _child_grpo_fast(shape, gc, out, device, gate, trainer)
+        else:
+            _child_trl(shape, gc, out, device, gate)
     gate.finish()
 
 

@@ -204,3 +204,131 @@ def test_generic_loop_passes_the_cache_under_the_current_keyword(monkeypatch):
     assert rollout.cache_keyword(Old()) == "past_key_values"
     takes = inspect.signature(model.forward).parameters  # 5.24 says cache (5.17 still past_key_values)
     assert rollout.cache_keyword(model) == ("cache" if "cache" in takes else "past_key_values")
+
+
+# ---------------------------------------------------------------------------- the fixed-shape step (static_decode)
+def _mid_batch_eos(model, ids, mask):
+    """The most common first greedy token: used as EOS, several rows stop at once while others go on."""
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+    return int(first.argmax(-1).mode().values)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_step_same_tokens_and_logits_as_eager(name):
+    """decode_graphs="on" (the step compiled by inductor) against the eager LeanDecoder loop: the same
+    completions with per-row uniform draws, top-k and top-p, left padding, G samples per prompt and an EOS
+    that stops rows mid-batch; and at every step the compiled step's logits equal the eager decoder's fed the
+    same tokens."""
+    model = _model(name)
+    ids, mask = _batch(b=3, p=9, t=0, seed=6)
+    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # 3 prompts x G = 2: 6 rows, bucket 8
+    eos = _mid_batch_eos(model, ids, mask)
+    uniforms = 1.0 - torch.rand(6, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(temperature=0.9, top_p=0.9, top_k=6, uniforms=uniforms)
+    on = rollout.generate(model, ids, mask, 8, eos, 0, decode_graphs="on", **kw)
+    off = rollout.generate(model, ids, mask, 8, eos, 0, decode_graphs="off", **kw)
+    assert torch.equal(on.completion_ids, off.completion_ids)
+    assert torch.equal(on.completion_mask, off.completion_mask)
+    assert 0 < int(on.truncated.sum()) < 6 or bool((on.lengths < on.lengths.max()).any())  # EOS mid-batch
+    _check_step_logits(model, ids, mask, on.completion_ids, eos, kw)
+
+
+def _check_step_logits(model, ids, mask, tokens, eos, kw):
+    """Feed ``tokens`` to the compiled runner and to an eager LeanDecoder; compare logits at every step."""
+    from grpo_fast.trainer import static_decode
+
+    b, p = ids.shape
+    t_max = 8
+    rows, capacity = static_decode.batch_bucket(b), static_decode.capacity_bucket(p + t_max)
+    sampling = static_decode.Sampling(kw["temperature"], kw["top_p"], kw["top_k"], eos, 0, True)
+    positions = position_ids_from_mask(mask)
+    with torch.inference_mode():
+        decoder = LeanDecoder(model, b, capacity)
+        decoder.forward(ids, positions, mask.bool())
+        runner = static_decode.runner_for(decoder, rows, capacity, sampling, "compile")
+        state = runner.state
+        state.load(decoder, torch.cat([torch.arange(b), torch.zeros(rows - b, dtype=torch.long)]))
+        for t in range(tokens.shape[1] - 1):
+            state.token[:b], state.position[:b], state.live[:] = tokens[:, t], positions[:, -1] + 1 + t, True
+            state.index.fill_(p + t)
+            logits, _, _ = runner()
+            eager = decoder.forward(tokens[:, t : t + 1], positions[:, -1:] + 1 + t, torch.ones(b, 1, dtype=torch.bool))
+            torch.testing.assert_close(logits[:b], eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_with_a_generator_draws_the_generic_loops_tokens(monkeypatch):
+    """Without per-row uniforms the draw is torch.multinomial on the batch's real rows, every step (no row
+    leaves the batch): the random stream, and so the tokens, are those of the generic DynamicCache loop."""
+    model = _model("llama_gqa")
+    ids, mask = _batch(b=5, p=7, t=0, seed=2)
+    eos = _mid_batch_eos(model, ids, mask)
+    on = rollout.generate(model, ids, mask, 8, eos, 0, 1.0, generator=torch.Generator().manual_seed(7),
+                          decode_graphs="on")  # fmt: skip
+    monkeypatch.setattr(rollout, "unsupported_reason", lambda *args: "forced generic path")
+    generic = rollout.generate(model, ids, mask, 8, eos, 0, 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(on.completion_ids, generic.completion_ids)
+
+
+def test_no_recompilation_across_rollouts_within_a_bucket():
+    """Two rollouts of different prompt widths and batch sizes within one (batch, capacity) bucket run the same
+    compiled step: dynamo's count of compiled graphs does not move after the first."""
+    from torch._dynamo.utils import counters
+
+    model = _model("qwen2")
+    first_ids, first_mask = _batch(b=6, p=9, t=0, seed=8)
+    kw = dict(temperature=1.0, uniforms=torch.full((6, 6), 0.5), decode_graphs="on")
+    rollout.generate(model, first_ids, first_mask, 6, 1, 0, **kw)
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["ok"]
+    assert graphs >= 1
+    ids, mask = _batch(b=5, p=12, t=0, seed=9)  # wider prompts, fewer rows: bucket (8 rows, 32 positions) again
+    rollout.generate(model, ids, mask, 6, 1, 0, **{**kw, "uniforms": torch.full((5, 6), 0.25)})
+    assert (counters["stats"]["unique_graphs"], counters["frames"]["ok"]) == (graphs, frames)
+
+
+def test_decode_graphs_setting_is_checked_and_auto_falls_back_with_a_warning(monkeypatch):
+    from grpo_fast.trainer import static_decode
+
+    model = _model("mistral")
+    ids, mask = _batch(b=3, p=5, t=0)
+    with pytest.raises(ValueError, match="decode_graphs must be one of"):
+        rollout.generate(model, ids, mask, 4, 1, 0, decode_graphs="yes")
+    reason = static_decode.static_reason(model, "graph")
+    assert "CUDA graphs need a CUDA device" in reason
+    monkeypatch.setattr(static_decode, "static_reason", lambda *args: "no step here")
+    with pytest.raises(ValueError, match="decode_graphs='on' cannot run this model: no step here"):
+        rollout.generate(model, ids, mask, 4, 1, 0, decode_graphs="on")
+    monkeypatch.undo()
+
+    def broken():
+        raise RuntimeError("inductor is missing\nsecond line")
+
+    monkeypatch.setattr(static_decode, "_compiled_step", broken)
+    monkeypatch.setattr(static_decode, "CPU_AUTO", "compile")
+    greedy = dict(temperature=0.0)
+    with pytest.warns(RuntimeWarning, match=r"eager decoding .*RuntimeError: inductor is missing\)$"):
+        auto = rollout.generate(model, ids, mask, 4, 1, 0, decode_graphs="auto", **greedy)
+    assert torch.equal(auto.completion_ids, rollout.generate(model, ids, mask, 4, 1, 0, **greedy).completion_ids)
+    assert static_decode.step_mode(model, "auto") is None  # remembered: no second try, no second warning
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.parametrize("name", ["qwen2", "llama_gqa"])
+def test_cuda_graph_step_same_tokens_as_eager(name):
+    """On CUDA, decode_graphs="on" captures the fixed-shape step as a CUDA graph and replays it per token:
+    the completions equal the eager loop's (fp32, per-row uniforms, top-p, EOS mid-batch), over two rollouts
+    (the second replays the graph captured by the first)."""
+    from grpo_fast.trainer import static_decode
+
+    model = _model(name).cuda()
+    ids, mask = (x.cuda() for x in _batch(b=6, p=9, t=0, seed=6))
+    eos = _mid_batch_eos(model, ids, mask)
+    for seed in (3, 4):
+        uniforms = 1.0 - torch.rand(6, 8, generator=torch.Generator().manual_seed(seed)).cuda()
+        kw = dict(temperature=0.9, top_p=0.9, uniforms=uniforms)
+        on = rollout.generate(model, ids, mask, 8, eos, 0, decode_graphs="on", **kw)
+        off = rollout.generate(model, ids, mask, 8, eos, 0, decode_graphs="off", **kw)
+        assert torch.equal(on.completion_ids, off.completion_ids)
+    runners = list(static_decode._RUNNERS[model].values())
+    assert len(runners) == 1 and runners[0].graph is not None

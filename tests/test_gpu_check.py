@@ -18,7 +18,7 @@ from bench import gpu_check, gpu_kernels, gpu_report
 from bench.shapes import LLAMA3_V, QWEN25_V
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("environment", "tests", "kernels", "trainer")
+SECTIONS = ("environment", "tests", "kernels", "rollout", "trainer")
 
 
 def run_check(out: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict, str]:
@@ -45,6 +45,9 @@ def test_dry_run_passes_with_every_section_ok(dry_run):
         for method in ("grpo_fast_triton", "naive"):
             assert {(family, method, "logprobs"), (family, method, "loss")} <= timed
     assert data["trainer"]["results"]["grpo_fast"]["step_s"] > 0
+    rollout = data["rollout"]["rows"]  # eager steps, the compiled fixed-shape step, model.generate
+    assert [r["method"] for r in rollout] == ["eager", "compiled (CPU)", "model.generate"]
+    assert all(r["tokens_per_s"] > 0 and r["first_call_s"] > 0 for r in rollout)
 
 
 @pytest.mark.slow
@@ -52,7 +55,7 @@ def test_dry_run_markdown_has_every_table(dry_run):
     _, _, md = dry_run
     assert "**Dry run**" in md  # its figures are labelled as not performance
     for heading in ("| section | status |", "## Environment", "## Ops against the float64 reference", "## Kernels",
-                    "## Trainer step"):  # fmt: skip
+                    "## Rollout", "## Trainer step"):  # fmt: skip
         assert heading in md
 
 

@@ -345,6 +345,8 @@ def test_unknown_and_invalid_keys_are_errors(tmp_path):
         GRPOConfig(per_device_train_batch_size=6)
     with pytest.raises(ValueError, match="loss_type must be one of"):
         GRPOConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match="decode_graphs must be one of auto, on, off"):
+        GRPOConfig(decode_graphs="yes")
     with pytest.raises(ValueError, match="max_steps must be int"):
         GRPOConfig.from_dict({"max_steps": "ten"})
 

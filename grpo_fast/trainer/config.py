@@ -80,6 +80,9 @@ class GRPOConfig:
     temperature: float = _f(1.0, "sampling temperature; the loss uses log-probs of the same tempered softmax")
     top_p: float = _f(1.0, "nucleus sampling mass")
     top_k: int = _f(0, "top-k sampling; 0 = off")
+    decode_graphs: str = _f(
+        "auto", "rollout steps as one fixed-shape step (compiled on CPU, a CUDA graph on CUDA): auto | on | off"
+    )
     # GRPO objective
     beta: float = _f(0.0, "KL coefficient (k3 estimator, in the loss). DeepSeekMath 0.04, R1 0.001, DAPO 0")
     epsilon: float = _f(0.2, "lower clip range of the ratio. PPO/DeepSeekMath 0.2")
@@ -152,6 +155,7 @@ class GRPOConfig:
         _check(self.on_nonfinite in ON_NONFINITE, "on_nonfinite", f"one of {ON_NONFINITE}", self.on_nonfinite)
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        _check(self.decode_graphs in ("auto", "on", "off"), "decode_graphs", "one of auto, on, off", self.decode_graphs)
         _check(self.temperature > 0, "temperature", "> 0 (the loss divides by it)", self.temperature)
         _check(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", "in [0, 1]", self.ref_model_mixup_alpha)
         _check(

@@ -183,3 +183,32 @@ def project_qkv(attn: nn.Module, h: torch.Tensor, cos, sin, heads: int, kv_heads
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     return q, k, v
+
+
+def sample_next_token(
+    logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None, uniform=None
+) -> torch.Tensor:
+    """Draw one token per row from (B, V) logits. temperature 0 = argmax. Returns (B,) int64.
+
+    uniform: optional (B,) draws in (0, 1]: row i takes the first token whose cumulative probability
+    reaches uniform[i] (inverse CDF; a zero-probability token is never chosen), ignoring ``generator``.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature  # (B, V)
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        sorted_probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the top one stays).
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    if uniform is not None:
+        cdf = probs.cumsum(-1)  # (B, V)
+        target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1), in (0, total]
+        return torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[-1] - 1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

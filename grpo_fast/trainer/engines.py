@@ -42,6 +42,7 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    decode_graphs: str = "auto"  # grpo_fast.trainer.rollout.generate's setting (HFEngine)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class HFEngine:
             s.top_p,
             s.top_k,
             uniforms=uniforms,
+            decode_graphs=s.decode_graphs,
         )
         return Generation(rollout)
 

@@ -266,7 +266,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         if keys is None:
             keys = list(range(self.state.data_cursor - len(rows), self.state.data_cursor))
         settings = SamplingSettings(cfg.max_completion_length, tok.eos_token_id, tok.pad_token_id, cfg.temperature,
-                                    cfg.top_p, cfg.top_k)  # fmt: skip
+                                    cfg.top_p, cfg.top_k, cfg.decode_graphs)  # fmt: skip
         with self._autocast():
             generation = self.engine.generate(ids, mask, self._group_seeds(keys), g, settings)
         rollout = generation.rollout

@@ -2,9 +2,9 @@
 
 One prefill of the left-padded prompts, then one token per step for the whole batch with the model's
 KV cache; rows that emitted EOS keep producing padding until every row is done or the length budget is
-spent. A hand-written loop rather than ``model.generate``: on the 2-core CPU it was ~20% faster for
-the demo model (measured when it was written), and it keeps the sampler's random stream in one explicit generator so a
-run resumed from a checkpoint samples exactly the same tokens.
+spent. A hand-written loop rather than ``model.generate``: it was faster for the demo model on a CPU,
+and it keeps the sampler's random stream in one explicit generator so a run resumed from a checkpoint
+samples exactly the same tokens.
 
 Sampling follows the usual order: logits / temperature, then top-k, then top-p (nucleus), then a
 categorical draw; temperature 0 (or greedy=True) takes the argmax.
@@ -19,8 +19,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .decoding import LeanDecoder, unsupported_reason
+from . import static_decode
+from .decoding import LeanDecoder, sample_next_token, unsupported_reason
 from .modeling import position_ids_from_mask
+
+__all__ = ["Rollout", "encode_prompts", "generate", "sample_next_token"]
 
 
 @dataclass
@@ -125,6 +128,7 @@ def generate(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
+    decode_graphs: str = "off",
 ) -> Rollout:
     """Sample one completion per row of ``prompt_ids`` (repeat rows for G samples per prompt).
 
@@ -139,11 +143,16 @@ def generate(
         uniforms: optional (B, max_new_tokens) draws in (0, 1], one per row and position; the token of row
             i at position t is then the inverse-CDF draw of ``uniforms[i, t]`` (instead of ``generator``),
             so a row's sample does not depend on the other rows of the batch (see grpo_fast.trainer.engines).
+        decode_graphs: "on" runs Llama-family models as fixed-shape steps (grpo_fast.trainer.static_decode: a
+            CUDA graph on CUDA, compiled on CPU), "off" as eager LeanDecoder steps, "auto" as
+            ``static_decode.auto_mode`` decides (eager, with a one-line warning, where the step fails).
     Returns:
         Rollout; completion_ids is (B, T) with T <= max_new_tokens.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if decode_graphs not in static_decode.SETTINGS:
+        raise ValueError(f"decode_graphs must be one of {static_decode.SETTINGS}, got {decode_graphs!r}")
     was_training = model.training
     model.eval()
     try:
@@ -160,6 +169,7 @@ def generate(
                 top_k,
                 generator,
                 uniforms,
+                decode_graphs,
             )
         tokens = tokens.clone()  # a normal tensor: the update's autograd may save it (embedding indices)
     finally:
@@ -178,12 +188,22 @@ def cache_keyword(model: nn.Module) -> str:
 
 
 def _decode_loop(
-    model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k, generator, uniforms=None
-):
+    model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k, generator, uniforms=None,
+    decode_graphs="off",
+):  # fmt: skip
     """(B, T) sampled tokens; pad after each row's EOS; stops early once every row is done."""
+    args = (model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k, generator, uniforms)
     if unsupported_reason(model, prompt_ids.shape[1] + max_new_tokens) is None:
-        return _lean_decode_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k,
-                                 generator, uniforms)  # fmt: skip
+        mode = static_decode.step_mode(model, decode_graphs)
+        if mode is None:
+            return _lean_decode_loop(*args)
+        if decode_graphs == "on":
+            return _static_decode_loop(*args, mode)
+        try:
+            return _static_decode_loop(*args, mode)
+        except Exception as error:  # auto: the step did not compile or capture here; eager from now on
+            static_decode.fall_back(model, error)
+            return _lean_decode_loop(*args)
     b, p = prompt_ids.shape
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], dim=1)  # (B, P + T_max)
     cache = {cache_keyword(model): DynamicCache(config=model.config)}
@@ -224,19 +244,11 @@ def _lean_decode_loop(
     once they are a quarter of it, so a mostly finished batch stops paying for them (the random draws
     then differ from the generic loop's, which keeps sampling, and discarding, for finished rows)."""
     b, p = prompt_ids.shape
-    positions = position_ids_from_mask(prompt_mask)  # (B, P)
-    # Rows repeating the row above (G samples of a prompt) share its prefill: run each distinct prompt once
-    # and copy its cache and logits to its rows.
-    first = torch.ones(b, dtype=torch.bool, device=prompt_ids.device)
-    first[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(1) | (prompt_mask[1:] != prompt_mask[:-1]).any(1)
-    distinct = first.nonzero().squeeze(1)  # (U,) first row of each run
-    decoder = LeanDecoder(model, len(distinct), p + max_new_tokens)
-    logits = decoder.forward(prompt_ids[distinct], positions[distinct], prompt_mask[distinct].bool())  # (U, V)
-    if len(distinct) < b:
-        run = first.long().cumsum(0) - 1  # (B,) the run each row belongs to
+    decoder, logits, run = _prefill(model, prompt_ids, prompt_mask, p + max_new_tokens)
+    if decoder.batch < b:
         decoder.keep(run)
         logits = logits[run]
-    next_position = positions[:, -1] + 1  # (B,)
+    next_position = position_ids_from_mask(prompt_mask)[:, -1] + 1  # (B,)
     tokens = prompt_ids.new_full((b, max_new_tokens), pad)
     rows = torch.arange(b, device=prompt_ids.device)  # original index of each row still in the decoder
     live = torch.ones(b, dtype=torch.bool, device=prompt_ids.device)  # per decoder row: no EOS yet
@@ -256,30 +268,62 @@ def _lean_decode_loop(
     return tokens
 
 
-def sample_next_token(
-    logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None, uniform=None
-) -> torch.Tensor:
-    """Draw one token per row from (B, V) logits. temperature 0 = argmax. Returns (B,) int64.
+def _prefill(model, prompt_ids, prompt_mask, capacity: int):
+    """A LeanDecoder of ``capacity`` holding the prompts, their last logits (U, V) and run (B,): the prefilled
+    row of each prompt row. Rows repeating the row above (G samples of a prompt) share its prefill: each
+    distinct prompt runs once (U rows)."""
+    b = prompt_ids.shape[0]
+    positions = position_ids_from_mask(prompt_mask)  # (B, P)
+    first = torch.ones(b, dtype=torch.bool, device=prompt_ids.device)
+    first[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(1) | (prompt_mask[1:] != prompt_mask[:-1]).any(1)
+    distinct = first.nonzero().squeeze(1)  # (U,) first row of each run
+    decoder = LeanDecoder(model, len(distinct), capacity)
+    logits = decoder.forward(prompt_ids[distinct], positions[distinct], prompt_mask[distinct].bool())  # (U, V)
+    return decoder, logits, first.long().cumsum(0) - 1
 
-    uniform: optional (B,) draws in (0, 1]: row i takes the first token whose cumulative probability
-    reaches uniform[i] (inverse CDF; a zero-probability token is never chosen), ignoring ``generator``.
-    """
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature  # (B, V)
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass (the top one stays).
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    if uniform is not None:
-        cdf = probs.cumsum(-1)  # (B, V)
-        target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1), in (0, total]
-        return torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[-1] - 1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+def _static_decode_loop(
+    model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, temperature, top_p, top_k, generator, uniforms, mode
+):
+    """``_decode_loop`` as fixed-shape steps (grpo_fast.trainer.static_decode): no row leaves the batch, so the draws
+    are those of the generic loop; per-row uniforms or the argmax are drawn inside the step."""
+    b, p = prompt_ids.shape
+    rows, capacity = static_decode.batch_bucket(b), static_decode.capacity_bucket(p + max_new_tokens)
+    decoder, logits, run = _prefill(model, prompt_ids, prompt_mask, capacity)
+    inside = temperature == 0 or uniforms is not None
+    sampling = static_decode.Sampling(float(temperature), float(top_p), int(top_k), eos, pad, inside)
+    runner = static_decode.runner_for(decoder, rows, capacity, sampling, mode)
+    s = runner.state
+    s.load(decoder, torch.cat([run, run.new_zeros(rows - b)]))  # bucket padding rows: copies of row 0, finished
+    s.position.zero_()[:b] = position_ids_from_mask(prompt_mask)[:, -1] + 1
+    first_uniform = None if uniforms is None else uniforms[:, 0]
+    token = sample_next_token(logits[run], temperature, top_p, top_k, generator, first_uniform)
+    tokens = prompt_ids.new_full((b, max_new_tokens), pad)
+    tokens[:, 0] = token
+    s.token.zero_()[:b] = token
+    s.live.zero_()[:b] = token != eos
+    for t in range(1, max_new_tokens):
+        if not bool(s.live.any()):
+            return tokens[:, :t]
+        s.index.fill_(p + t - 1)  # the cache slot of the token fed in (the last sampled)
+        if uniforms is not None:
+            s.uniform[:b] = uniforms[:, t]
+        _, token, live = _static_step(runner, generator, b)
+        tokens[:, t] = token[:b]
+        s.token.copy_(token)
+        s.live.copy_(live)
+        s.position.add_(1)
+    return tokens
+
+
+def _static_step(runner, generator, b: int):
+    """One step of ``runner``; without a draw inside it, the multinomial draw runs here on the b real rows."""
+    logits, token, live = runner()
+    if runner.sampling.inside:
+        return logits, token, live
+    s = runner.sampling
+    drawn = sample_next_token(logits[:b], s.temperature, s.top_p, s.top_k, generator).masked_fill(~live[:b], s.pad)
+    token, live = token.clone(), live.clone()
+    token[:b] = drawn
+    live[:b] &= drawn != s.eos
+    return logits, token, live
