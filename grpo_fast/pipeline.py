@@ -1,34 +1,43 @@
 """``grpo-fast pipeline``: the DeepSeek-R1 recipe (arXiv 2501.12948) end to end on the toy task, offline.
 
     grpo-fast pipeline                          the embedded default below, into runs/r1-toy-seed0
-    grpo-fast pipeline --config r1.yaml         a stage list from YAML (see PipelineConfig)
+    grpo-fast pipeline --config r1.yaml         a stage list from YAML (grpo_fast.pipeline_config)
 
 Default stages (grpo_fast.r1_toy: 3-digit addition whose chain of thought names columns and carries in
-English or Chinese; every stage's output is the next one's input):
+English or Chinese, and grpo_fast.r1_simple: simple queries answered without reasoning; every stage's
+output is the next one's input):
 
     base                SFT of a fresh 0.53M Qwen2 on the mixed "pretraining" corpus (half the words
-                        Chinese, a quarter of traces without reasoning) until greedy dev accuracy 0.5
+                        Chinese, a quarter of traces without reasoning, plus the simple training queries
+                        answered half with a needless chain of thought) until greedy dev accuracy 0.5
     r1_zero             GRPO from base, rule rewards accuracy + format (R1-Zero)
     cold_start          SFT of base on a small set (256) of readable English traces from a solver
     reasoning_rl        GRPO from cold_start, rewards accuracy + format + language consistency
     rejection_sampling  4 samples per prompt (3000 prompts) from reasoning_rl; keep correct, well-formed,
-                        English-only, ended; dedupe; 1 per prompt -> JSONL SFT set with statistics
-    rs_sft              SFT of base (not of the RL model, as R1) on that set, 2 epochs (lr 3e-4, as every
-                        fine-tuning stage; 1e-3 for pretraining)
+                        English-only, ended; dedupe; 1 per prompt; then mixed 3:1 with non-reasoning rows
+                        (simple queries from a curated source, kept when well-formed, right and without
+                        reasoning) at the same size -> JSONL SFT set with statistics, and a
+                        reasoning-only set of that size
+    rs_sft              SFT of base (not of the RL model, as R1) on the mixed set, 2 epochs (lr 3e-4, as
+                        every fine-tuning stage; 1e-3 for pretraining)
+    rs_sft_reasoning_only  the same SFT on the reasoning-only set (the control of the mix)
     rl2                 GRPO from rs_sft again (temperature 0.7, as R1's second RL stage; 32 prompts per
                         step: the sharper policy leaves fewer groups with a signal, and with 16 the
                         noisy updates lowered accuracy)
+    rejection_sampling_r2, rs_sft_r2, rl2_r2   round 2: the same three stages, sampling from rl2
     student_base        a 0.14M Qwen2 (half the width, a quarter of the parameters) pretrained on the
                         same corpus until greedy dev accuracy 0.85 (at 0.5 its temperature-1 samples
                         are almost never right: GRPO would get no signal, TARGETS.md)
-    distill             SFT of student_base on the rejection-sampled set (R1's distillation)
+    distill             SFT of student_base on round 1's rejection-sampled set (R1's distillation)
     student_grpo        GRPO of student_base (R1-Zero rewards) with the compute distill used
     student_grpo_4x     the same with 4x that compute
 
 After every stage the output model is scored on the 256 held-out prompts as the report does: pass@1
 from 4 samples per prompt at temperature 0.6, top-p 0.95 (plus greedy accuracy), format rate,
-language consistency of the reasoning, share without reasoning, mean length. RUN_DIR gets report.json
-(a list of stages with their metrics), report.md (the table), report.png and rl_curves.png.
+language consistency of the reasoning, share without reasoning, mean length and reasoning length; and
+on 256 held-out simple queries: pass@1, share of answers that think, reasoning length. RUN_DIR gets
+report.json (a list of stages with their metrics), report.md (the stage table, the table per round and
+the effects), report.png and rl_curves.png.
 
 Resumable stage by stage: a stage's directory holds stage.json once it has finished; a rerun skips it
 (the recorded stage config must match, else the run stops and says which stage to delete) and an
@@ -39,220 +48,37 @@ token (N parameters; sampling a token is one forward pass, training one is forwa
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import configio, r1_toy, tracking
+from . import configio, r1_simple, r1_toy, tracking
 from .checkpoint import latest_checkpoint
 from .evaluation import completion_id_lists, decode_completions, prompt_text
-from .language import language_consistency_reward
+from .language import language_consistency_reward, reasoning_text
+from .pipeline_config import (  # noqa: F401  (re-exported: the pipeline's public names)
+    DEFAULT_STAGES,
+    REWARDS,
+    EvalConfig,
+    GRPOStage,
+    PipelineConfig,
+    SamplingStage,
+    SFTStage,
+    default_stages,
+    load_config,
+    stage_ref,
+)
+from .report import compare, effect_table, plot_report, round_table, stage_table  # noqa: F401
 from .rewards import accuracy_reward, format_reward, score_completions
 from .rollout import encode_prompts, generate
 
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "language": language_consistency_reward}
 STAGE_FILE = "stage.json"
-
-
-# ----------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class SFTStage:
-    """SFT on (prompt, completion) pairs; the loss is on the completion only (grpo_fast.sft).
-
-    model: "new:teacher" / "new:student" (fresh r1_toy model), a stage name, or a model directory.
-    data: "toy:pretrain" (mixed corpus), "toy:cold_start" (readable solver traces, ``data_size`` rows),
-        a rejection-sampling stage name, or a json/jsonl/csv/parquet file with prompt and completion.
-    num_epochs: passes over the data (None = max_steps steps with rows drawn with replacement).
-    target_accuracy: stop once greedy dev accuracy reaches it (checked every eval_steps)."""
-
-    name: str
-    kind: str = "sft"
-    model: str = "new:teacher"
-    data: str = "toy:pretrain"
-    data_size: int | None = None
-    learning_rate: float = 1e-3
-    batch_size: int = 64
-    max_steps: int = 1000
-    num_epochs: float | None = None
-    target_accuracy: float | None = None
-    eval_steps: int = 10
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "constant"
-
-
-@dataclass(frozen=True)
-class GRPOStage:
-    """GRPO with rule rewards (grpo_fast.trainer.GRPOTrainer) on the toy training prompts.
-
-    rewards: names from {accuracy, format, language}; reward_weights: one per reward (None = all 1,
-        R1's equal weights). compute_of: a finished stage whose training compute (times compute_factor)
-        this stage matches: it then runs until its own compute reaches that, max_steps being only a cap."""
-
-    name: str
-    kind: str = "grpo"
-    model: str = "base"
-    rewards: tuple[str, ...] = ("accuracy", "format")
-    reward_weights: tuple[float, ...] | None = None
-    max_steps: int = 100
-    compute_of: str | None = None
-    compute_factor: float = 1.0
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10
-    prompts_per_step: int = 16
-    num_generations: int = 8
-    temperature: float = 1.0
-    beta: float = 0.0
-    epsilon: float = 0.2
-    loss_type: str = "dapo"
-    max_completion_length: int = 48
-    logging_steps: int = 5
-
-
-@dataclass(frozen=True)
-class SamplingStage:
-    """Rejection sampling from ``model`` on the first ``num_prompts`` training prompts (grpo_fast.sampling)."""
-
-    name: str
-    kind: str = "rejection_sampling"
-    model: str = "reasoning_rl"
-    num_prompts: int = 3000
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    max_tokens: int | None = None
-    require_correct: bool = True
-    require_format: bool = True
-    min_language_consistency: float | None = 1.0
-    max_per_prompt: int = 1
-
-
-STAGE_KINDS = {"sft": SFTStage, "grpo": GRPOStage, "rejection_sampling": SamplingStage}
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Held-out scoring after every stage, as the R1 report: pass@1 = mean accuracy of ``samples``
-    completions per prompt at ``temperature`` / ``top_p`` (R1: 0.6 / 0.95, k = 4 to 64)."""
-
-    num_prompts: int = 256
-    samples: int = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 48
-
-
-DEFAULT_STAGES: tuple = (
-    SFTStage("base", model="new:teacher", data="toy:pretrain", target_accuracy=0.5),
-    GRPOStage("r1_zero", model="base", rewards=("accuracy", "format"), max_steps=100),
-    SFTStage("cold_start", model="base", data="toy:cold_start", data_size=256, num_epochs=2, learning_rate=3e-4),
-    GRPOStage("reasoning_rl", model="cold_start", rewards=("accuracy", "format", "language"), max_steps=100),
-    SamplingStage("rejection_sampling", model="reasoning_rl"),
-    SFTStage("rs_sft", model="base", data="rejection_sampling", num_epochs=2, learning_rate=3e-4),
-    GRPOStage("rl2", model="rs_sft", rewards=("accuracy", "format", "language"), max_steps=80, temperature=0.7,
-              prompts_per_step=32),
-    SFTStage("student_base", model="new:student", data="toy:pretrain", target_accuracy=0.85),
-    SFTStage("distill", model="student_base", data="rejection_sampling", num_epochs=2, learning_rate=3e-4),
-    GRPOStage("student_grpo", model="student_base", rewards=("accuracy", "format"), compute_of="distill",
-              max_steps=10_000),
-    GRPOStage("student_grpo_4x", model="student_base", rewards=("accuracy", "format"), compute_of="distill",
-              compute_factor=4.0, max_steps=10_000),
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """output_dir: RUN_DIR (None = runs/r1-toy-seed<seed>). seed: every stage's seed (model init, data
-    order, sampling). threads: torch threads (None = one per idle core, re-picked as the load changes).
-    num_train: training prompts of the toy task (the pretraining corpus, RL and sampling prompts).
-    evaluation: EvalConfig keys. stages: the stage list, in order; each entry is a default stage's name
-    (see DEFAULT_STAGES), or a mapping with ``name`` and keys that override that default's, or a new
-    stage with ``name``, ``kind`` (sft / grpo / rejection_sampling) and its keys. report_to: experiment
-    trackers (GRPOConfig.report_to); each stage is a run named after it in the group RUN_DIR's name, with
-    its files in RUN_DIR/<stage>/runs (MLflow's default store: RUN_DIR/mlflow.db)."""
-
-    output_dir: str | None = None
-    seed: int = 0
-    threads: int | None = None
-    num_train: int = 20_000
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
-    stages: tuple = DEFAULT_STAGES
-    report_to: tuple[str, ...] = ("none",)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "report_to", tracking.check_report_to(self.report_to))
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/r1-toy-seed{self.seed}")
-
-
-def load_config(path: str | None = None, **overrides) -> PipelineConfig:
-    """PipelineConfig from a YAML file (None = the embedded default) with top-level ``overrides``
-    (output_dir, seed, threads, report_to). Unknown keys are ConfigErrors naming the closest known key."""
-    data = configio.read_yaml(path) if path else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    source = path or "the pipeline config"
-    known = ("output_dir", "seed", "threads", "num_train", "evaluation", "stages", "report_to")
-    for key in data:
-        if key not in known:
-            raise configio.unknown_key_error(key, known, source)
-    top = {k: data[k] for k in ("output_dir", "seed", "threads", "num_train", "report_to") if k in data}
-    top = {k: configio.coerce(v, configio.field_types(PipelineConfig)[k], k) for k, v in top.items()}
-    evaluation = configio.from_dict(EvalConfig, data.get("evaluation") or {}, f"{source}: evaluation")
-    stages = tuple(_stage(entry, source) for entry in data.get("stages", [s.name for s in DEFAULT_STAGES]))
-    _check_stages(stages, source)
-    try:
-        return PipelineConfig(**top, evaluation=evaluation, stages=stages)
-    except (TypeError, ValueError) as error:
-        raise configio.ConfigError(f"{source}: {error}") from error
-
-
-def _stage(entry, source: str):
-    defaults = {s.name: s for s in DEFAULT_STAGES}
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict) or "name" not in entry:
-        raise configio.ConfigError(
-            f"{source}: a stage is a default stage's name or a mapping with a name, got {entry!r}"
-        )
-    name = str(entry["name"])
-    base = defaults.get(name)
-    if base is None and "kind" not in entry:
-        close = difflib.get_close_matches(name, list(defaults), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise configio.ConfigError(
-            f"{source}: {name!r} is not a default stage; {hint}a new stage needs a kind ({', '.join(STAGE_KINDS)})"
-        )
-    kind = entry.get("kind", base.kind if base else None)
-    if kind not in STAGE_KINDS:
-        raise configio.ConfigError(f"{source}: stage {name!r} has kind {kind!r}; kinds are {sorted(STAGE_KINDS)}")
-    values = configio.to_dict(base) if base is not None and base.kind == kind else {"name": name}
-    values.update(entry)
-    return configio.from_dict(STAGE_KINDS[kind], values, f"{source}: stage {name!r}")
-
-
-def _check_stages(stages: tuple, source: str) -> None:
-    names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        raise configio.ConfigError(f"{source}: stage names must be unique, got {names}")
-    for stage in stages:
-        for key in ("model", "data", "compute_of"):
-            ref = getattr(stage, key, None)
-            if ref in names and names.index(ref) > names.index(stage.name):
-                raise configio.ConfigError(f"{source}: stage {stage.name!r} uses {ref!r}, which runs after it")
-        for reward in getattr(stage, "rewards", ()):
-            if reward not in REWARDS:
-                raise configio.ConfigError(f"{source}: stage {stage.name!r}: unknown reward {reward!r}; "
-                                           f"rewards are {sorted(REWARDS)}")  # fmt: skip
+DATA_FILES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 # ----------------------------------------------------------------------------- running
@@ -267,6 +93,9 @@ class Pipeline:
         self.tokenizer = r1_toy.build_tokenizer()
         self.splits = r1_toy.make_splits(num_train=config.num_train, seed=config.seed)
         self.test = self.splits["test"].select(range(min(config.evaluation.num_prompts, len(self.splits["test"]))))
+        self.simple = r1_simple.make_splits(seed=config.seed)
+        simple_prompts = min(config.evaluation.simple_prompts, len(self.simple["test"]))
+        self.simple_test = self.simple["test"].select(range(simple_prompts))
         self.governor = ThreadGovernor(torch.get_num_threads(), fixed=config.threads)
         self.records: dict[str, dict] = {}
         self.tracker = tracking.Trackers([])  # the running stage's trackers (none between stages)
@@ -419,14 +248,33 @@ class Pipeline:
         )
         prompts = self.splits["train"].select(range(min(stage.num_prompts, len(self.splits["train"]))))
         rows, stats = rejection_sample(model, self.tokenizer, prompts, config, on_batch=self.governor.update)
-        path = write_sft_set(stage_dir / "sft_set.jsonl", rows, stats)
+        record = {"params": _params(model)}
+        if stage.non_reasoning_ratio is not None:
+            rows, control, stats["mix"], stats["non_reasoning"] = self._mix(stage, rows)
+            record["reasoning_only_path"] = str(write_sft_set(stage_dir / "reasoning_only.jsonl", control, stats))
+        record["data_path"] = str(write_sft_set(stage_dir / "sft_set.jsonl", rows, stats))
         sampled_tokens = stats["sampled"] * (self._prompt_tokens(prompts) + config.max_new_tokens)
-        return {
-            "data_path": str(path),
-            "params": _params(model),
-            "sampling_flops_upper_bound": 2 * _params(model) * sampled_tokens,
-            "details": {k: v for k, v in stats.items() if k != "config"},
-        }
+        record["sampling_flops_upper_bound"] = 2 * _params(model) * sampled_tokens
+        return record | {"details": {k: v for k, v in stats.items() if k != "config"}}
+
+    def _mix(self, stage: SamplingStage, reasoning: list[dict]) -> tuple[list, list, dict, dict]:
+        """(mixed rows, reasoning-only rows, mix statistics, non-reasoning filter statistics)."""
+        from .sampling import filter_non_reasoning, mix_sets
+
+        if stage.non_reasoning_data == "toy:simple":
+            source = r1_simple.source_answer_set(self.simple["train"], len(self.simple["train"]), self.config.seed)
+        elif Path(stage.non_reasoning_data).suffix in DATA_FILES:
+            source = self._load_data(stage.non_reasoning_data)
+        else:
+            raise configio.ConfigError(f"stage {stage.name!r}: non_reasoning_data is 'toy:simple' or a data file "
+                                       f"({', '.join(DATA_FILES)}), got {stage.non_reasoning_data!r}")  # fmt: skip
+        columns = [c for c in ("prompt", "completion", "answer") if c in source.column_names]
+        if columns[:2] != ["prompt", "completion"]:
+            raise configio.ConfigError(f"stage {stage.name!r}: non_reasoning_data needs prompt and completion columns")
+        kept, filter_stats = filter_non_reasoning(source.select_columns(columns).to_list())
+        extra = {c: "en" if c == "language" else None for c in (reasoning[0] if reasoning else {}) if c not in columns}
+        mixed, control, mix = mix_sets(reasoning, [row | extra for row in kept], stage.non_reasoning_ratio)
+        return mixed, control, mix, filter_stats
 
     # -- helpers
     def _on_step(self, step: int) -> None:
@@ -457,20 +305,26 @@ class Pipeline:
 
         return load_model(path, "cpu")
 
-    def _sft_data(self, stage: SFTStage):
+    def _load_data(self, path: str):
         from .cli import load_data_file
 
+        return load_data_file(path)
+
+    def _sft_data(self, stage: SFTStage):
         if stage.data == "toy:pretrain":
-            data = r1_toy.pretraining_corpus(self.splits["train"], seed=self.config.seed)
+            data = r1_toy.pretraining_corpus(self.splits["train"], seed=self.config.seed, simple=self.simple["train"])
         elif stage.data == "toy:cold_start":
             data = r1_toy.cold_start_set(self.splits["train"], stage.data_size or 256, seed=self.config.seed)
-        elif Path(stage.data).suffix in (".json", ".jsonl", ".csv", ".parquet"):
-            data = load_data_file(stage.data)
+        elif Path(stage.data).suffix in DATA_FILES:
+            data = self._load_data(stage.data)
         else:
-            record = self._record(stage.data)
-            if "data_path" not in record:
-                raise configio.ConfigError(f"stage {stage.name!r}: data stage {stage.data!r} produces no dataset")
-            data = load_data_file(record["data_path"])
+            name, _, part = stage.data.partition(":")
+            key = {"": "data_path", "reasoning_only": "reasoning_only_path"}.get(part)
+            record = self._record(name)
+            if key is None or key not in record:
+                what = "no dataset" if key == "data_path" else f"no {part or 'dataset'!r} set"
+                raise configio.ConfigError(f"stage {stage.name!r}: data stage {name!r} produces {what}")
+            data = self._load_data(record[key])
         if len(data) == 0:
             raise configio.ConfigError(f"stage {stage.name!r}: its data ({stage.data}) is empty")
         if stage.data_size is not None and stage.data != "toy:cold_start":
@@ -487,12 +341,25 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, model) -> tuple[dict, dict]:
         """Held-out metrics of ``model`` and their per-prompt values (see ``evaluate_r1``)."""
-        return evaluate_r1(model, self.tokenizer, self.test, self.config.evaluation, self.config.seed, self.governor)
+        return evaluate_r1(model, self.tokenizer, self.test, self.config.evaluation, self.config.seed, self.governor,
+                           simple=self.simple_test)  # fmt: skip
 
     def report(self) -> list[dict]:
         keep = ("name", "kind", "metrics", "params", "train_flops", "seconds", "cpu_seconds", "eval_seconds",
                 "eval_cpu_seconds", "details")  # fmt: skip
         return [{k: r[k] for k in keep if k in r} | {"model": r["config"].get("model")} for r in self.records.values()]
+
+    def rounds(self) -> list[tuple[str, ...]]:
+        """The stage names of each round (rejection sampling -> SFT -> RL) in the stage list, in order."""
+        names = {s.name for s in self.config.stages}
+        out, r = [], 1
+        while True:
+            suffix = "" if r == 1 else f"_r{r}"
+            found = tuple(n + suffix for n in self.config.round_stages if n + suffix in names)
+            if not found:
+                return out
+            out.append(found)
+            r += 1
 
     def write_report(self, wall_seconds: float, plots: bool = True) -> None:
         """report.json and report.md; with ``plots`` also report.png, rl_curves.png and each GRPO stage's
@@ -507,8 +374,10 @@ class Pipeline:
             f"seed {self.config.seed}; stages {total:.0f} s wall clock, {cpu:.0f} s CPU (training + evaluation, "
             f"summed over the runs that made them); this invocation {wall_seconds:.0f} s"
         )
-        effects = effect_table(list(self.records.values()))
-        (self.run_dir / "report.md").write_text(stage_table(report, header) + "\n\n" + effects + "\n")
+        rounds = self.rounds()
+        effects = effect_table(list(self.records.values()), [names[-1] for names in rounds])
+        tables = [stage_table(report, header), round_table(report, rounds), effects]
+        (self.run_dir / "report.md").write_text("\n\n".join(tables) + "\n")
         if not plots:
             return
         plot_report(report, self.run_dir)
@@ -518,24 +387,41 @@ class Pipeline:
                 plot_run(self.run_dir / stage.name)
 
 
-def evaluate_r1(model, tokenizer, dataset, config: EvalConfig, seed: int = 0, governor=None) -> tuple[dict, dict]:
+def evaluate_r1(model, tokenizer, dataset, config: EvalConfig, seed: int = 0, governor=None,
+                simple=None) -> tuple[dict, dict]:  # fmt: skip
     """Held-out metrics: pass@1 accuracy over ``config.samples`` samples per prompt, greedy accuracy,
     format rate, language consistency (mean over samples whose reasoning has words), share of samples
-    without reasoning words, mean length in tokens.
+    without reasoning words, mean length and mean reasoning length (the ``<think>`` text) in tokens;
+    with ``simple`` (held-out non-reasoning queries) also their pass@1, share of answers that think
+    (whose reasoning has words) and reasoning length, prefixed ``simple_``.
 
     Returns:
         (metrics {name: float}, per-prompt values {name: list of N floats, NaN where undefined}) for
-        accuracy, format, language_consistency and no_reasoning: paired comparisons between stages.
+        accuracy, format, language_consistency, no_reasoning, simple_accuracy and simple_thinks: paired
+        comparisons between stages.
     """
-    funcs = [accuracy_reward, format_reward, language_consistency_reward]
     if governor is not None:
         governor.update()
-    greedy, _ = _score(model, tokenizer, dataset, funcs, 1, {"temperature": 0.0}, config.max_new_tokens, seed)
+    greedy = _score(model, tokenizer, dataset, 1, {"temperature": 0.0}, config.max_new_tokens, seed)
     if governor is not None:
         governor.update()
+    metrics, per_prompt = _sampled_metrics(model, tokenizer, dataset, config, seed)
+    metrics = {"accuracy": metrics["accuracy"], "greedy_accuracy": float(greedy["scores"][:, 0].mean())} | metrics
+    if simple is not None and len(simple) > 0:
+        simple_metrics, simple_per_prompt = _sampled_metrics(model, tokenizer, simple, config, seed)
+        metrics |= {f"simple_{k}": simple_metrics[k] for k in ("accuracy", "reasoning_length")}
+        metrics["simple_thinks"] = 1 - simple_metrics["no_reasoning"]
+        per_prompt["simple_accuracy"] = simple_per_prompt["accuracy"]
+        per_prompt["simple_thinks"] = [1 - x for x in simple_per_prompt["no_reasoning"]]
+    return metrics, per_prompt
+
+
+def _sampled_metrics(model, tokenizer, dataset, config: EvalConfig, seed: int) -> tuple[dict, dict]:
+    """evaluate_r1's metrics of ``config.samples`` sampled completions per prompt (all but greedy accuracy)."""
     sampling = {"temperature": config.temperature, "top_p": config.top_p}
-    scores, lengths = _score(model, tokenizer, dataset, funcs, config.samples, sampling, config.max_new_tokens, seed)
-    by_prompt = scores.view(len(dataset), config.samples, len(funcs))  # (N, k, F)
+    out = _score(model, tokenizer, dataset, config.samples, sampling, config.max_new_tokens, seed)
+    scores = out["scores"]
+    by_prompt = scores.view(len(dataset), config.samples, scores.shape[1])  # (N, k, F)
     per_prompt = {
         "accuracy": by_prompt[:, :, 0].mean(1),
         "format": by_prompt[:, :, 1].mean(1),
@@ -544,19 +430,21 @@ def evaluate_r1(model, tokenizer, dataset, config: EvalConfig, seed: int = 0, go
     }
     metrics = {
         "accuracy": float(scores[:, 0].mean()),
-        "greedy_accuracy": float(greedy[:, 0].mean()),
         "format": float(scores[:, 1].mean()),
         "language_consistency": float(scores[:, 2].nanmean()),
         "no_reasoning": float(scores[:, 2].isnan().float().mean()),
-        "mean_length": float(lengths.float().mean()),
+        "mean_length": float(out["lengths"].float().mean()),
+        "reasoning_length": float(out["reasoning_lengths"].float().mean()),
     }
     return metrics, {k: v.tolist() for k, v in per_prompt.items()}
 
 
-def _score(model, tokenizer, dataset, funcs, k, sampling, max_new_tokens, seed, batch_size=256):
-    """((N * k, F) rewards, (N * k,) lengths) of k completions per prompt."""
+def _score(model, tokenizer, dataset, k, sampling, max_new_tokens, seed, batch_size=256) -> dict:
+    """k completions per prompt scored by accuracy, format and language consistency: {"scores" (N * k, 3),
+    "lengths" (N * k,) completion tokens, "reasoning_lengths" (N * k,) tokens of their reasoning}."""
+    funcs = [accuracy_reward, format_reward, language_consistency_reward]
     generator = torch.Generator().manual_seed(seed)
-    scores, lengths = [], []
+    scores, lengths, reasoning = [], [], []
     prompts = [p for p in dataset["prompt"] for _ in range(k)]
     columns = {c: [v for v in dataset[c] for _ in range(k)] for c in dataset.column_names if c != "prompt"}
     for start in range(0, len(prompts), batch_size):
@@ -570,145 +458,9 @@ def _score(model, tokenizer, dataset, funcs, k, sampling, max_new_tokens, seed, 
         per_function, _ = score_completions(funcs, [1.0] * len(funcs), chunk, completions, cols)
         scores.append(per_function)
         lengths.append(rollout.lengths)
-    return torch.cat(scores), torch.cat(lengths)
-
-
-COLUMNS = (
-    ("accuracy", "pass@1"),
-    ("greedy_accuracy", "greedy acc"),
-    ("format", "format"),
-    ("language_consistency", "lang. consistency"),
-    ("no_reasoning", "no reasoning"),
-    ("mean_length", "mean length"),
-)
-
-
-def stage_table(report: list[dict], header: str = "") -> str:
-    """The stage table as Markdown: one row per stage, held-out metrics after it, compute and time
-    (wall and CPU seconds of training + evaluation)."""
-    lines = [f"Held-out metrics after each stage ({header})", ""] if header else []
-    titles = [c[1] for c in COLUMNS] + ["train TFLOP", "wall s", "CPU s"]
-    lines.append("| stage | kind | from | params | " + " | ".join(titles) + " |")
-    lines.append("|---" * (len(titles) + 4) + "|")
-    for r in report:
-        m = r.get("metrics", {})
-        cells = [f"{m[k]:.1f}" if k == "mean_length" else f"{m[k]:.3f}" for k, _ in COLUMNS if k in m]
-        if not m:
-            d = r.get("details", {})
-            cells = [f"kept {d.get('kept', 0)} / {d.get('sampled', 0)} sampled"] + [""] * (len(COLUMNS) - 1)
-        cells.append(f"{r['train_flops'] / 1e12:.2f}" if r.get("train_flops") else "")
-        cells.append(f"{r.get('seconds', 0) + r.get('eval_seconds', 0):.0f}")
-        cells.append(f"{r.get('cpu_seconds', 0) + r.get('eval_cpu_seconds', 0):.0f}")
-        params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else ""
-        lines.append(f"| {r['name']} | {r['kind']} | {r.get('model', '')} | {params} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# What the R1 report found, as (claim, stage, metric, expected direction, reference stage): checked on
-# the held-out prompts of a run whose stage list has both stages.
-EFFECTS = (
-    ("RL with rule rewards raises accuracy (R1-Zero)", "r1_zero", "accuracy", "higher", "base"),
-    ("R1-Zero learns to reason before answering", "r1_zero", "no_reasoning", "lower", "base"),
-    ("R1-Zero's reasoning stays language-mixed (R1's does not)", "r1_zero", "language_consistency", "lower",
-     "reasoning_rl"),
-    ("cold-start SFT makes the reasoning readable", "cold_start", "language_consistency", "higher", "base"),
-    ("the language-consistency reward raises consistency", "reasoning_rl", "language_consistency", "higher",
-     "cold_start"),
-    ("reasoning RL raises accuracy", "reasoning_rl", "accuracy", "higher", "cold_start"),
-    ("cold start + RL beats R1-Zero (same RL steps)", "reasoning_rl", "accuracy", "higher", "r1_zero"),
-    ("rejection-sampling SFT keeps the RL model's accuracy", "rs_sft", "accuracy", "not lower", "reasoning_rl"),
-    ("rejection-sampling SFT keeps its readability", "rs_sft", "language_consistency", "not lower", "reasoning_rl"),
-    ("rejection-sampling SFT is better formatted than the base", "rs_sft", "format", "higher", "base"),
-    ("the second RL stage raises accuracy", "rl2", "accuracy", "higher", "rs_sft"),
-    ("DeepSeek-R1 (every stage) beats R1-Zero", "rl2", "accuracy", "higher", "r1_zero"),
-    ("distillation improves the small model", "distill", "accuracy", "higher", "student_base"),
-    ("distillation beats GRPO alone on the small model at equal compute", "distill", "accuracy", "higher",
-     "student_grpo"),
-    ("... and at 4x the compute", "distill", "accuracy", "higher", "student_grpo_4x"),
-)  # fmt: skip
-
-
-def compare(a: list[float], b: list[float]) -> tuple[float, float]:
-    """(mean of a - b, its standard error) over the prompts where both are defined (paired by prompt)."""
-    pairs = [(x, y) for x, y in zip(a, b, strict=True) if not (math.isnan(x) or math.isnan(y))]
-    if not pairs:
-        return math.nan, math.nan
-    diffs = torch.tensor([x - y for x, y in pairs], dtype=torch.float64)
-    se = float(diffs.std() / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
-    return float(diffs.mean()), se
-
-
-def effect_table(records: list[dict]) -> str:
-    """Markdown table of EFFECTS: reproduced when the paired difference is beyond 2 standard errors in
-    the expected direction ("not lower": not below -2 standard errors)."""
-    by_name = {r["name"]: r for r in records if "per_prompt" in r}
-    lines = ["Effects the R1 report describes, on this run (difference over the held-out prompts, paired, "
-             "with its standard error):", "", "| claim | stage vs reference | metric | difference | reproduced |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for claim, stage, metric, direction, reference in EFFECTS:
-        a, b = (by_name[n]["per_prompt"].get(metric) if n in by_name else None for n in (stage, reference))
-        if a is None or b is None:
-            continue
-        diff, se = compare(a, b)
-        sign = -1 if direction == "lower" else 1
-        if direction == "not lower":
-            verdict = "yes" if diff >= -2 * se else "no"
-        else:
-            verdict = (
-                "yes" if sign * diff > 2 * se else ("no (opposite)" if sign * diff < -2 * se else "no (within noise)")
-            )
-        lines.append(f"| {claim} | {stage} vs {reference} | {metric} | {diff:+.3f} ± {se:.3f} | {verdict} |")
-    return "\n".join(lines)
-
-
-def plot_report(report: list[dict], run_dir: Path) -> Path:
-    """run_dir/report.png: each held-out metric per stage (bars, students hatched) and
-    run_dir/rl_curves.png: the training rewards of every GRPO stage against its step."""
-    from matplotlib.figure import Figure
-
-    rows = [r for r in report if r.get("metrics")]
-    fig = Figure(figsize=(13, 7), layout="constrained")
-    for ax, (key, title) in zip(fig.subplots(2, 3).flat, COLUMNS, strict=True):
-        values = [r["metrics"][key] for r in rows]
-        bars = ax.bar(range(len(rows)), values, color=["C1" if r["kind"] == "grpo" else "C0" for r in rows])
-        for bar, r in zip(bars, rows, strict=True):
-            if r.get("params", 1e9) < 0.3e6:
-                bar.set_hatch("//")
-        ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=45, ha="right", fontsize=8)
-        ax.set_title(title + ("" if key == "mean_length" else " (0-1)"))
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{run_dir}: held-out metrics after each stage (orange = GRPO, blue = SFT, hatched = student)")
-    out = run_dir / "report.png"
-    fig.savefig(out, dpi=90)
-    _plot_rl_curves(report, run_dir)
-    return out
-
-
-def _plot_rl_curves(report: list[dict], run_dir: Path) -> None:
-    from matplotlib.figure import Figure
-
-    from .plotting import read_metrics
-
-    keys = (
-        ("rewards/accuracy_reward/mean", "accuracy reward (training samples)"),
-        ("rewards/language_consistency_reward/mean", "language consistency (training samples)"),
-        ("completions/mean_length", "completion length"),
-    )
-    fig = Figure(figsize=(13, 4), layout="constrained")
-    axes = fig.subplots(1, 3)
-    for i, r in enumerate(r for r in report if r["kind"] == "grpo"):
-        records = read_metrics(run_dir / r["name"]) if (run_dir / r["name"] / "metrics.jsonl").exists() else []
-        for ax, (key, _) in zip(axes, keys, strict=True):
-            points = [(m["step"], m[key]) for m in records if key in m]
-            if points:  # one colour per stage in every panel, whichever metrics it logged
-                ax.plot(*zip(*points, strict=True), label=r["name"], color=f"C{i}")
-    for ax, (_, title) in zip(axes, keys, strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("GRPO step")
-        ax.grid(alpha=0.3)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=8)
-    fig.savefig(run_dir / "rl_curves.png", dpi=90)
+        thoughts = [reasoning_text(c) for c in completions]
+        reasoning.append(torch.tensor([len(x) for x in tokenizer(thoughts, add_special_tokens=False)["input_ids"]]))
+    return {"scores": torch.cat(scores), "lengths": torch.cat(lengths), "reasoning_lengths": torch.cat(reasoning)}
 
 
 def _cpu_seconds() -> float:

@@ -31,11 +31,11 @@ import random
 import string
 from dataclasses import dataclass
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from . import toy
+from . import r1_simple, toy
 
 COLUMN_WORDS = {"en": ("ones", "tens", "hundreds"), "zh": ("个", "十", "百")}
 CARRY_WORD = {"en": "carry", "zh": "进"}
@@ -125,12 +125,19 @@ def _pairs(dataset: Dataset) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in p.rstrip("=").split("+")) for p in dataset["prompt"]]
 
 
-def pretraining_corpus(dataset: Dataset, seed: int = 0, style: CorpusStyle = CorpusStyle()) -> Dataset:
-    """``dataset`` (prompt, answer) with a ``completion`` column of corpus traces (seeded)."""
+def pretraining_corpus(
+    dataset: Dataset, seed: int = 0, style: CorpusStyle = CorpusStyle(), simple: Dataset | None = None
+) -> Dataset:
+    """``dataset`` (prompt, answer) with a ``completion`` column of corpus traces (seeded), followed by
+    the ``simple`` queries (grpo_fast.r1_simple) answered in the corpus' style when given."""
     rng = random.Random(seed)
-    return dataset.remove_columns(["completion"] if "completion" in dataset.column_names else []).add_column(
+    corpus = dataset.remove_columns(["completion"] if "completion" in dataset.column_names else []).add_column(
         "completion", [corpus_trace(a, b, rng, style) for a, b in _pairs(dataset)]
     )
+    if simple is None:
+        return corpus
+    extra = r1_simple.written(simple, r1_simple.CORPUS_STYLE, seed).select_columns(corpus.column_names)
+    return concatenate_datasets([corpus, extra.cast(corpus.features)])
 
 
 def cold_start_set(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
