@@ -219,7 +219,8 @@ def default_stages(rounds: int = DEFAULT_ROUNDS) -> tuple:
 
 
 def expand_rounds(stages: tuple, rounds: int, round_stages=ROUND_STAGES, explicit: bool = True) -> tuple:
-    """``stages`` with the stages named in ``round_stages`` repeated ``rounds`` times (module docstring).
+    """``stages`` with the stages named in ``round_stages`` repeated ``rounds`` times (module docstring);
+    ``explicit`` False (rounds not given by the user): only when the list has every round stage.
 
     Raises:
         ValueError: rounds < 1, or rounds > 1 given (``explicit``) while the list has none of round_stages.
@@ -227,13 +228,14 @@ def expand_rounds(stages: tuple, rounds: int, round_stages=ROUND_STAGES, explici
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     members = [s for s in stages if s.name in round_stages]
-    if not members:
-        if rounds > 1 and explicit:
-            raise ValueError(f"rounds: {rounds} repeats the stages {list(round_stages)}, none of which is listed")
-        return tuple(stages)
+    if not members and rounds > 1 and explicit:
+        raise ValueError(f"rounds: {rounds} repeats the stages {list(round_stages)}, none of which is listed")
+    if not members or (not explicit and len(members) < len(round_stages)):
+        return tuple(stages)  # the default number of rounds applies to a list with the whole round
     names = [s.name for s in stages]
     position = names.index(members[-1].name) + 1
-    copies, previous_last = [], members[-1].name
+    models = [m.name for m in members if m.kind != "rejection_sampling"]
+    copies, previous_last = [], models[-1] if models else None
     for r in range(2, rounds + 1):
         rename = {m.name: f"{m.name}_r{r}" for m in members}
         for i, member in enumerate(members):
@@ -243,10 +245,10 @@ def expand_rounds(stages: tuple, rounds: int, round_stages=ROUND_STAGES, explici
                 head, sep, tail = (ref or "").partition(":")
                 if head in rename:
                     changes[key] = rename[head] + sep + tail
-                elif i == 0 and key == "model":
-                    changes[key] = previous_last  # the round samples from the previous round's last model
+                elif i == 0 and key == "model" and previous_last is not None:
+                    changes[key] = previous_last  # the round starts from the previous round's last model
             copies.append(dataclasses.replace(member, **changes))
-        previous_last = rename[members[-1].name]
+        previous_last = rename[models[-1]] if models else None
     return tuple(stages[:position]) + tuple(copies) + tuple(stages[position:])
 
 

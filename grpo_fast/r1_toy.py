@@ -137,7 +137,7 @@ def pretraining_corpus(
     if simple is None:
         return corpus
     extra = r1_simple.written(simple, r1_simple.CORPUS_STYLE, seed).select_columns(corpus.column_names)
-    return concatenate_datasets([corpus, extra.cast(corpus.features)])
+    return concatenate_datasets([corpus, extra])
 
 
 def cold_start_set(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
