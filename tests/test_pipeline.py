@@ -181,7 +181,7 @@ TINY = {
     "threads": 1,
     "rounds": 1,
     "num_train": 300,
-    "evaluation": {"num_prompts": 4, "samples": 2, "max_new_tokens": 12},
+    "evaluation": {"num_prompts": 4, "samples": 2, "max_new_tokens": 12, "simple_prompts": 4},
     "stages": [
         {"name": "base", "max_steps": 4, "target_accuracy": None, "batch_size": 8},
         {"name": "r1_zero", "max_steps": 2, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 12},
