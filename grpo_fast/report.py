@@ -69,7 +69,7 @@ EFFECTS = (
     ("... and at 4x the compute", "distill", "accuracy", "higher", "student_grpo_4x"),
     ("SFT with non-reasoning data answers simple queries without reasoning", "rs_sft", "simple_thinks", "lower",
      "rs_sft_reasoning_only"),
-    ("... and answers them at least as well", "rs_sft", "simple_accuracy", "not lower", "rs_sft_reasoning_only"),
+    ("... and answers them right more often", "rs_sft", "simple_accuracy", "higher", "rs_sft_reasoning_only"),
     ("... while keeping reasoning on hard ones", "rs_sft", "no_reasoning", "not higher", "rs_sft_reasoning_only"),
     ("... and their accuracy", "rs_sft", "accuracy", "not lower", "rs_sft_reasoning_only"),
 )  # fmt: skip
