@@ -4,9 +4,14 @@ stages, rounds, and the YAML loader with its checks.
 Rounds: R1 iterates rejection sampling -> SFT -> RL. ``rounds: N`` repeats the stages named in
 ``round_stages`` (default rejection_sampling, rs_sft, rl2) N times; round r >= 2's copies are named
 ``<stage>_r<r>`` (rejection_sampling_r2, rs_sft_r2, rl2_r2, ...), come right after the previous round's
-last stage, read each other's outputs, and the round's first stage samples from the previous round's
-last stage (rejection_sampling_r2 samples from rl2). Everything else stays as in round 1 (rs_sft_r2
-fine-tunes ``base`` again, as R1 does).
+last stage, read each other's outputs, and the round's first stage starts from the previous round's
+last model (rejection_sampling_r2 samples from rl2). Everything else stays as in round 1 (rs_sft_r2
+fine-tunes ``base`` again, as R1 does). ``rounds`` defaults to 2 for a stage list that has every
+round stage (the default list), else to 1:
+
+    rounds: 3
+    round_stages: [rejection_sampling, rs_sft, rl2]
+    stages: [base, cold_start, reasoning_rl, rejection_sampling, rs_sft, rl2]
 """
 
 from __future__ import annotations
