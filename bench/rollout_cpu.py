@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from grpo_fast import toy
+from grpo_fast.r1 import toy
 from grpo_fast.trainer.engines import group_uniforms
 from grpo_fast.trainer.rollout import encode_prompts, generate
 

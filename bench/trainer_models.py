@@ -1,6 +1,6 @@
 """The models the trainer benchmarks build from a config (random weights, nothing downloaded), by name.
 
-``toy``: the demo's 0.53M-parameter Qwen2 and character tokenizer (grpo_fast.toy), scored by the demo's
+``toy``: the demo's 0.53M-parameter Qwen2 and character tokenizer (grpo_fast.r1.toy), scored by the demo's
 accuracy reward. ``qwen2.5-0.5b``: Qwen2.5-0.5B's architecture (V 151936, H 896, 24 layers, 14 query and
 2 key/value heads, FFN 4864, tied embeddings) with random weights; ``tiny-qwen2``: the same code path at
 toy size, for ``bench.gpu_check --dry-run``. A random model's completions are noise and never answer the
@@ -18,7 +18,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from grpo_fast import toy
+from grpo_fast.r1 import toy
 from grpo_fast.trainer.rewards import accuracy_reward
 
 # name -> Qwen2Config fields besides the tokenizer's ids (None: the demo's model)

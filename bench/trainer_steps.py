@@ -9,7 +9,7 @@ the report, so it never overlaps the other trainer's step). Each child measures 
 over its timed steps (the RSS high-water mark above the RSS when they start, ``harness.PeakMemory``).
 
 Both trainers get the model ``shape.model`` names (``bench.trainer_models``; by default the demo's
-0.53M-parameter Qwen2 and character tokenizer, grpo_fast.toy), freshly initialised (step time depends on
+0.53M-parameter Qwen2 and character tokenizer, grpo_fast.r1.toy), freshly initialised (step time depends on
 the batch shape, not on what the model knows), P prompts x G completions of at most T new tokens at
 temperature 1.0, the dapo loss, ``shape.beta`` (0 by default), one optimizer step per generation batch with
 per_device_train_batch_size ``micro`` (TRL splits the update by rows; grpo_fast balances its passes by
@@ -47,7 +47,7 @@ MARK = "@@trainer_steps "  # the start of a protocol line on a child's stdout
 def _model_and_data(device, shape: TrainerShape):
     """(tokenizer, model, data, reward function): the model ``shape.model`` names (bench.trainer_models)."""
     from bench import trainer_models
-    from grpo_fast import toy
+    from grpo_fast.r1 import toy
 
     tokenizer, model, reward = trainer_models.build(shape.model, device, seed=0)
     data = toy.make_splits(num_train=2000, seed=0)["train"].remove_columns("completion")  # prompt, answer

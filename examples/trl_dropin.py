@@ -1,6 +1,6 @@
 """grpo_fast's fused loss inside TRL: ``FusedGRPOTrainer`` in place of ``trl.GRPOTrainer``, same arguments.
 
-Two GRPO steps of the demo's tiny Qwen2 (grpo_fast.toy: built in code, nothing downloaded) on CPU, with
+Two GRPO steps of the demo's tiny Qwen2 (grpo_fast.r1.toy: built in code, nothing downloaded) on CPU, with
 options TRL's old Liger loss path refused: a high-entropy token mask (top_entropy_quantile), the
 off-policy sequence mask (off_policy_mask_threshold) and two updates per generation (num_iterations=2,
 so the second update is off-policy against TRL's old log-probs).
@@ -15,8 +15,8 @@ import tempfile
 import torch
 from trl import GRPOConfig
 
-from grpo_fast import toy
 from grpo_fast.integrations.trl import FusedGRPOTrainer
+from grpo_fast.r1 import toy
 
 
 def digit_reward(completions, **kwargs) -> list[float]:

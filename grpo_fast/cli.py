@@ -183,7 +183,9 @@ def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
         help="DeepSeek-R1 recipe on the toy task: R1-Zero, cold start, RL, rejection sampling, SFT, RL, "
         "distillation; resumable; writes RUN_DIR/report.{json,md,png}",
     )
-    pipe.add_argument("--config", default=None, help="YAML stage list (default: the embedded one, grpo_fast.pipeline)")
+    pipe.add_argument(
+        "--config", default=None, help="YAML stage list (default: the embedded one, grpo_fast.r1.pipeline)"
+    )
     pipe.add_argument("--stages", default=None, help="run only these stages of the config (comma-separated names)")
     pipe.add_argument("--output-dir", default=None, help="RUN_DIR (default: the config's, else runs/r1-toy-seed<N>)")
     pipe.add_argument("--seed", type=int, default=None)
@@ -260,7 +262,7 @@ def load_train_config(path: str | None, overrides: list[str]):
 
 
 def _train(args, rest) -> int:
-    from . import toy
+    from .r1 import toy
     from .trainer import GRPOTrainer
     from .trainer.modeling import load_model
 
@@ -326,7 +328,7 @@ def _device(name: str | None) -> str:
 
 
 def _datasets(dataset: str, eval_dataset: str | None, seed: int):
-    from . import toy
+    from .r1 import toy
 
     if dataset == "toy":
         splits = toy.make_splits(seed=seed)
@@ -338,7 +340,7 @@ def _eval(args, rest) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from . import toy
+    from .r1 import toy
     from .trainer.evaluation import evaluate
     from .trainer.modeling import load_model
 
@@ -363,14 +365,14 @@ def _eval(args, rest) -> int:
 
 
 def _plot(args, rest) -> int:
-    from .plotting import plot_run
+    from .trainer.plotting import plot_run
 
     print(plot_run(args.run_dir))
     return 0
 
 
 def _demo(args, rest) -> int:
-    from .demo import run_demo
+    from .r1.demo import run_demo
 
     kwargs = {} if args.steps is None else {"steps": args.steps}
     report_to = tuple(args.report_to.split(","))
@@ -383,7 +385,7 @@ def _demo(args, rest) -> int:
 
 
 def _pipeline(args, rest) -> int:
-    from .pipeline import load_config, run_pipeline
+    from .r1.pipeline import load_config, run_pipeline
 
     config = load_config(args.config, output_dir=args.output_dir, seed=args.seed, threads=args.threads,
                          report_to=args.report_to)  # fmt: skip

@@ -94,7 +94,7 @@ def test_no_bool_tensor_is_argsorted(monkeypatch, device, one_thread):
 def test_trainer_head_loss_runs_in_the_autocast_dtype(tmp_path, monkeypatch, one_thread):
     """bf16 autocast (forced on here, CPU autocast): the fused loss and the forward-only log-probs get bf16
     operands, though Qwen2's final norm hands over fp32 hidden states; the fp32 head keeps fp32 gradients."""
-    from grpo_fast import toy
+    from grpo_fast.r1 import toy
     from grpo_fast.trainer import GRPOConfig, GRPOTrainer
     from grpo_fast.trainer import update as trainer_module  # where the update calls the loss
 

@@ -24,8 +24,8 @@ import torch
 import yaml
 
 import grpo_fast.trainer.update as trainer_module  # where the update calls the loss
-from grpo_fast import toy
 from grpo_fast.advantages import group_advantages
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
 pytestmark = [

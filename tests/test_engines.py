@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import grpo_fast.trainer.update as trainer_module  # where the update calls the loss
-from grpo_fast import rollout_importance_ratio, toy
+from grpo_fast import rollout_importance_ratio
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 from grpo_fast.trainer.engines import Generation, HFEngine, group_uniforms, rollout_from_token_lists
 from grpo_fast.trainer.modeling import position_ids_from_mask

@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from grpo_fast import toy
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer, checkpoint
 from grpo_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from grpo_fast.trainer.configio import ConfigError

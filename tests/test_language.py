@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from grpo_fast import r1_toy
-from grpo_fast.language import (
+from grpo_fast.r1 import world as r1_toy
+from grpo_fast.r1.language import (
     char_script,
     language_consistency,
     language_consistency_reward,

@@ -9,6 +9,7 @@ Every import counts, also one inside a function (a lazy import still ties the tw
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,28 @@ def test_the_import_reader_finds_lazy_and_relative_imports(tmp_path, source, tar
     path.write_text(source + "\n")
     modules = {"grpo_fast.trainer.grpo", "grpo_fast.trainer.rollout", "grpo_fast.reference", "grpo_fast.debug"}
     assert (target in _imports("grpo_fast.ops.mod", path, modules)) is found
+
+
+RUN_OUTPUTS = ("runs/", "RUN_DIR/", "DIR/", "output_dir/", "logging_dir/", "gpu_check/", "data/", "my-", "~", "../")
+
+
+def _named_paths(text: str) -> set[str]:
+    """Repository paths a text names: ``dir/file.ext`` words, except what a run or a user writes (runs/,
+    RUN_DIR/, output and logging dirs, a user's data/, anything under $VARIABLE/)."""
+    words = re.findall(r"(?<![\w/.$-])((?:[\w.-]+/)+[\w.-]+\.(?:py|md|sh|json|png|txt|toml|yaml|jsonl))\b", text)
+    return {w for w in words if not w.startswith(RUN_OUTPUTS) and "<" not in w}
+
+
+def test_docs_name_only_files_in_the_repository():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(docs) > 3
+    missing = [f"{doc.name}: {path}" for doc in docs for path in sorted(_named_paths(doc.read_text()))
+               if not (ROOT / path).exists() and not (doc.parent / path).exists()]  # fmt: skip
+    assert not missing, "\n".join(missing)
+
+
+def test_the_path_reader_finds_paths():
+    assert _named_paths("see `grpo_fast/r1/world.py` and bench/results/r1/seed0-report.png, not runs/x/report.md") == {
+        "grpo_fast/r1/world.py",
+        "bench/results/r1/seed0-report.png",
+    }

@@ -4,7 +4,7 @@ disabled, no copy), checkpoints hold the adapters and resume bit-exactly."""
 import pytest
 import torch
 
-from grpo_fast import toy
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread

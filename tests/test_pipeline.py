@@ -9,10 +9,11 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from grpo_fast import r1_toy, toy
 from grpo_fast.cli import main
-from grpo_fast.language import language_consistency, reasoning_text
-from grpo_fast.pipeline import DEFAULT_STAGES, GRPOStage, SFTStage, compare, effect_table, load_config, stage_table
+from grpo_fast.r1 import toy
+from grpo_fast.r1 import world as r1_toy
+from grpo_fast.r1.language import language_consistency, reasoning_text
+from grpo_fast.r1.pipeline import DEFAULT_STAGES, GRPOStage, SFTStage, compare, effect_table, load_config, stage_table
 from grpo_fast.trainer import configio
 from grpo_fast.trainer.modeling import backbone_and_head, load_model
 from grpo_fast.trainer.rewards import accuracy_reward, format_reward
@@ -138,9 +139,10 @@ def test_sft_stops_early_on_dev_accuracy(one_thread):
 def test_default_config_is_the_r1_recipe():
     config = load_config()
     names = [s.name for s in config.stages]
-    assert names == [s.name for s in DEFAULT_STAGES]
-    assert names == ["base", "r1_zero", "cold_start", "reasoning_rl", "rejection_sampling", "rs_sft", "rl2",
-                     "student_base", "distill", "student_grpo", "student_grpo_4x"]  # fmt: skip
+    assert names == ["base", "r1_zero", "cold_start", "reasoning_rl", "rejection_sampling", "rs_sft",
+                     "rs_sft_reasoning_only", "rl2", "rejection_sampling_r2", "rs_sft_r2", "rl2_r2", "student_base",
+                     "distill", "student_grpo", "student_grpo_4x"]  # fmt: skip
+    assert [s.name for s in load_config(rounds=1).stages] == [s.name for s in DEFAULT_STAGES]
     stages = {s.name: s for s in config.stages}
     assert "language" not in stages["r1_zero"].rewards and "language" in stages["reasoning_rl"].rewards
     assert stages["rs_sft"].model == "base" and stages["rs_sft"].data == "rejection_sampling"
@@ -179,8 +181,9 @@ def test_config_overrides_new_stages_and_errors(tmp_path):
 TINY = {
     "seed": 0,
     "threads": 1,
+    "rounds": 1,
     "num_train": 300,
-    "evaluation": {"num_prompts": 4, "samples": 2, "max_new_tokens": 12},
+    "evaluation": {"num_prompts": 4, "samples": 2, "max_new_tokens": 12, "simple_prompts": 4},
     "stages": [
         {"name": "base", "max_steps": 4, "target_accuracy": None, "batch_size": 8},
         {"name": "r1_zero", "max_steps": 2, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 12},
@@ -206,7 +209,8 @@ def test_every_stage_end_to_end_then_resume(tmp_path, capsys):
     assert main(["pipeline", "--config", str(config)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["name"] for r in report] == [s["name"] for s in TINY["stages"]]
-    metric_keys = {"accuracy", "greedy_accuracy", "format", "language_consistency", "no_reasoning", "mean_length"}
+    metric_keys = {"accuracy", "greedy_accuracy", "format", "language_consistency", "no_reasoning", "mean_length",
+                   "reasoning_length", "simple_accuracy", "simple_thinks", "simple_reasoning_length"}  # fmt: skip
     for r in report:
         if r["kind"] == "rejection_sampling":
             assert r["details"]["sampled"] == 12 and 1 <= r["details"]["kept"] <= 6 and "metrics" not in r
@@ -267,10 +271,8 @@ def test_stage_table_formats_rows():
     ]  # fmt: skip
     table = stage_table(report, "seed 0").splitlines()
     assert table[2].startswith("| stage | kind |") and len(table) == 6
-    assert (
-        table[4]
-        == "| base | sft | new:teacher | 0.53M | 0.250 | 0.300 | 0.900 | 0.500 | 0.200 | 33.2 | 2.50 | 42 | 36 |"
-    )
+    metrics = "0.250 | 0.300 | 0.900 | 0.500 | 0.200 | 33.2 |  |  |  |  "  # no reasoning length, no simple queries
+    assert table[4] == f"| base | sft | new:teacher | 0.53M | {metrics}| 2.50 | 42 | 36 |"
     assert "kept 10 / 40 sampled" in table[5]
 
 

@@ -19,8 +19,8 @@ import torch
 import yaml
 from filelock import FileLock
 
-from grpo_fast import toy
 from grpo_fast.cli import load_train_config, main
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer, NonFiniteError, OutputDirInUseError, checkpoint
 from grpo_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from grpo_fast.trainer.configio import ConfigError

@@ -6,9 +6,9 @@ import pytest
 import torch
 from datasets import load_dataset
 
-from grpo_fast import r1_toy
-from grpo_fast.language import language_consistency_reward
-from grpo_fast.sampling import (
+from grpo_fast.r1 import world as r1_toy
+from grpo_fast.r1.language import language_consistency_reward
+from grpo_fast.r1.rejection import (
     FILTERS,
     RejectionSamplingConfig,
     Sample,

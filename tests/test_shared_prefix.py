@@ -16,7 +16,7 @@ from llama_family import CONFIGS, V
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 
-from grpo_fast import toy
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer, shared_prefix
 from grpo_fast.trainer.modeling import backbone_and_head, completion_hidden
 from grpo_fast.trainer.shared_prefix import SharedPrefixForward, SharedPrompts, groups_share_prompts
@@ -262,7 +262,7 @@ def test_checkpointed_completion_layers_give_the_same_gradients_and_keep_less(na
 
 _ONE_STEP = """
 import hashlib, sys, tempfile, torch
-from grpo_fast import toy
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 torch.set_num_threads(2)
 tok = toy.build_tokenizer()

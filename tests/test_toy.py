@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_fast import toy
+from grpo_fast.r1 import toy
 from grpo_fast.trainer.rewards import accuracy_reward, format_reward
 
 

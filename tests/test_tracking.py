@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_fast import toy
 from grpo_fast.cli import main
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer, tracking
 from grpo_fast.trainer.configio import ConfigError
 from grpo_fast.trainer.rewards import accuracy_reward

@@ -10,8 +10,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_fast import toy
 from grpo_fast.cli import load_train_config, main
+from grpo_fast.r1 import toy
 from grpo_fast.trainer import GRPOConfig, GRPOTrainer, lr_lambda
 from grpo_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from grpo_fast.trainer.modeling import completion_hidden, position_ids_from_mask
@@ -387,7 +387,7 @@ def test_python_dash_m_entry_point():
 
 def test_demo_writes_summary_and_curves(tmp_path, monkeypatch):
     """The demo pipeline end to end at toy scale (the real run is timed in the report, not here)."""
-    from grpo_fast import demo
+    from grpo_fast.r1 import demo
 
     make_splits = toy.make_splits
     monkeypatch.setattr(demo.toy, "make_splits", lambda seed: make_splits(num_train=300, num_dev=8, num_test=8))

@@ -1,6 +1,6 @@
 """``grpo_fast.integrations.trl.FusedGRPOTrainer`` against TRL 1.16's own ``GRPOTrainer``.
 
-(1) Parity: two real trainers built from the same saved tiny Qwen2 (grpo_fast.toy, float32) and the same
+(1) Parity: two real trainers built from the same saved tiny Qwen2 (grpo_fast.r1.toy, float32) and the same
     GRPOConfig, one ``trl.GRPOTrainer``, one ``FusedGRPOTrainer``; ``compute_loss`` on the same hand-made
     batch (the dict TRL's ``_generate_and_score_completions`` produces: prompt/completion ids and masks,
     advantages, old/ref/sampling log-probs, the vLLM importance-sampling ratio, num_items_in_batch,
@@ -26,8 +26,8 @@ from tolerances import assert_close
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from grpo_fast import toy
 from grpo_fast.integrations.trl import FusedGRPOTrainer
+from grpo_fast.r1 import toy
 
 F32 = torch.float32
 B, P, T = 4, 5, 6  # sequences (one group), prompt length, completion length

@@ -1,4 +1,4 @@
-"""The DeepSeek-R1 recipe's toy world: the demo's 3-digit addition (grpo_fast.toy) with a chain of thought
+"""The DeepSeek-R1 recipe's toy world: the demo's 3-digit addition (grpo_fast.r1.toy) with a chain of thought
 that has words in it, written in two "languages", so that every stage of the recipe has something to
 show. Nothing downloads; the tokenizer and the models are built in code.
 
@@ -31,10 +31,11 @@ import random
 import string
 from dataclasses import dataclass
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from . import simple as r1_simple
 from . import toy
 
 COLUMN_WORDS = {"en": ("ones", "tens", "hundreds"), "zh": ("个", "十", "百")}
@@ -125,12 +126,19 @@ def _pairs(dataset: Dataset) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in p.rstrip("=").split("+")) for p in dataset["prompt"]]
 
 
-def pretraining_corpus(dataset: Dataset, seed: int = 0, style: CorpusStyle = CorpusStyle()) -> Dataset:
-    """``dataset`` (prompt, answer) with a ``completion`` column of corpus traces (seeded)."""
+def pretraining_corpus(
+    dataset: Dataset, seed: int = 0, style: CorpusStyle = CorpusStyle(), simple: Dataset | None = None
+) -> Dataset:
+    """``dataset`` (prompt, answer) with a ``completion`` column of corpus traces (seeded), followed by
+    the ``simple`` queries (grpo_fast.r1.simple) answered in the corpus' style when given."""
     rng = random.Random(seed)
-    return dataset.remove_columns(["completion"] if "completion" in dataset.column_names else []).add_column(
+    corpus = dataset.remove_columns(["completion"] if "completion" in dataset.column_names else []).add_column(
         "completion", [corpus_trace(a, b, rng, style) for a, b in _pairs(dataset)]
     )
+    if simple is None:
+        return corpus
+    extra = r1_simple.written(simple, r1_simple.CORPUS_STYLE, seed).select_columns(corpus.column_names)
+    return concatenate_datasets([corpus, extra])
 
 
 def cold_start_set(dataset: Dataset, size: int, seed: int = 0) -> Dataset:

@@ -27,7 +27,7 @@ import re
 import unicodedata
 from functools import lru_cache
 
-from .trainer.rewards import completion_text
+from ..trainer.rewards import completion_text
 
 # Scripts whose words are not separated by spaces: each character counts as one word.
 UNSPACED_SCRIPTS = frozenset({"Han", "Hiragana", "Katakana", "Thai", "Lao", "Khmer", "Myanmar", "Tibetan"})

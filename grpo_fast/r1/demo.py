@@ -2,7 +2,7 @@
 
     grpo-fast demo --seed 0 --out runs/demo-seed0
 
-1. Build the character tokenizer and a 0.53M-parameter Qwen2 from code (grpo_fast.toy).
+1. Build the character tokenizer and a 0.53M-parameter Qwen2 from code (grpo_fast.r1.toy).
 2. SFT warm-start on scratchpad addition until greedy dev accuracy >= 0.30 (checked every 10 steps).
 3. Greedy accuracy on 256 held-out prompts (disjoint from training and dev).
 4. GRPO: 32 prompts x G=8 at temperature 1.0, reward 1 if the answer is right,
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
+from ..trainer import GRPOConfig, GRPOTrainer, MetricsLog
+from ..trainer.evaluation import evaluate
+from ..trainer.plotting import plot_run
+from ..trainer.rewards import accuracy_reward, format_reward
+from ..trainer.sft import SFTConfig, sft_train
+from ..trainer.tracking import resolve_report_to
 from . import toy
-from .plotting import plot_run
-from .trainer import GRPOConfig, GRPOTrainer, MetricsLog
-from .trainer.evaluation import evaluate
-from .trainer.rewards import accuracy_reward, format_reward
-from .trainer.sft import SFTConfig, sft_train
-from .trainer.tracking import resolve_report_to
 
 MAX_COMPLETION_LENGTH = 40  # the longest target is 35 tokens; room for a little rambling
 ACCURACY = "rewards/accuracy_reward/mean"

@@ -18,6 +18,13 @@ rejected sample under the first filter it fails, and also give each filter's own
 
 The output rows carry the prompt's dataset columns (``answer``, ``language``, ...) plus ``completion``,
 so the file is both an SFT set (prompt, completion) and a prompt set the rewards can score.
+
+R1's SFT set also holds non-reasoning data (about 1 row in 4), simple queries answered without a chain
+of thought. ``filter_non_reasoning`` checks such rows from a curated source (format, correct, no
+reasoning, one per prompt) and ``mix_sets`` makes the mixed set at a ratio of reasoning to
+non-reasoning rows, with a reasoning-only set of the same size beside it (the control):
+
+    mixed, control, stats = mix_sets(reasoning_rows, non_reasoning_rows, ratio=3.0)
 """
 
 from __future__ import annotations
@@ -30,12 +37,13 @@ from pathlib import Path
 
 import torch
 
-from .language import language_consistency_reward
-from .trainer.evaluation import completion_id_lists, decode_completions, prompt_text
-from .trainer.rewards import accuracy_reward, format_reward, score_completions
-from .trainer.rollout import encode_prompts, generate
+from ..trainer.evaluation import completion_id_lists, decode_completions, prompt_text
+from ..trainer.rewards import accuracy_reward, format_reward, score_completions
+from ..trainer.rollout import encode_prompts, generate
+from .language import language_consistency_reward, reasoning_text
 
 FILTERS = ("length", "format", "correct", "language", "duplicate", "cap")
+NON_REASONING_FILTERS = ("format", "correct", "reasoning", "duplicate")
 
 
 @dataclass(frozen=True)
@@ -227,3 +235,84 @@ def read_sft_set(path: str | Path) -> list[dict]:
     """The rows of a JSONL SFT set."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def filter_non_reasoning(rows: list[dict]) -> tuple[list[dict], dict]:
+    """The non-reasoning rows (prompt, completion, answer) to keep, in input order, and their statistics.
+    A row is kept when it is well-formed (rewards.format_reward), its answer is right, its ``<think>``
+    block is empty (a simple query is answered without reasoning) and its prompt has no kept row yet;
+    a rejected row counts under the first of NON_REASONING_FILTERS it fails.
+
+    Returns:
+        (kept, {"offered", "kept", "rejected" {filter: count}, "pass_rate" {filter: share passing it alone}})
+    """
+    if not rows:
+        return [], {"offered": 0, "kept": 0, "rejected": dict.fromkeys(NON_REASONING_FILTERS, 0), "pass_rate": {}}
+    prompts, texts = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    well_formed = format_reward(prompts, texts)
+    correct = accuracy_reward(prompts, texts, answer=[r.get("answer") for r in rows])
+    rejected, alone = dict.fromkeys(NON_REASONING_FILTERS, 0), dict.fromkeys(NON_REASONING_FILTERS[:3], 0)
+    seen, kept = set(), []
+    for row, formed, right in zip(rows, well_formed, correct, strict=True):
+        checks = {"format": formed >= 1, "correct": right is not None and right >= 1,
+                  "reasoning": not reasoning_text(row["completion"]).strip()}  # fmt: skip
+        for name, ok in checks.items():
+            alone[name] += ok
+        failed = next((name for name, ok in checks.items() if not ok), None)
+        if failed is None and row["prompt"] in seen:
+            failed = "duplicate"
+        if failed is not None:
+            rejected[failed] += 1
+            continue
+        seen.add(row["prompt"])
+        kept.append(row)
+    n = len(rows)
+    pass_rate = {k: v / n for k, v in alone.items()}
+    return kept, {"offered": n, "kept": len(kept), "rejected": rejected, "pass_rate": pass_rate}
+
+
+def mix_sizes(total: int, ratio: float) -> tuple[int, int]:
+    """(reasoning rows, non-reasoning rows) of a set of ``total`` rows at ``ratio`` reasoning rows per
+    non-reasoning one (R1: 600k / 200k, ratio 3).
+
+    >>> mix_sizes(2000, 3.0)
+    (1500, 500)
+    """
+    if not ratio > 0:
+        raise ValueError(f"ratio must be > 0, got {ratio!r}")
+    non_reasoning = round(total / (ratio + 1))
+    return total - non_reasoning, non_reasoning
+
+
+def mix_sets(reasoning: list[dict], non_reasoning: list[dict], ratio: float = 3.0) -> tuple[list, list, dict]:
+    """The mixed SFT set, the reasoning-only set of the same size and the statistics of the mix.
+
+    Every reasoning row is offered; the mix keeps the first of them and the first kept non-reasoning
+    rows at ``ratio`` (fewer non-reasoning rows when the source runs short, the mix then has the ratio
+    it can); the reasoning-only set is the same number of reasoning rows. Both sets are in the rows'
+    order with the non-reasoning rows spread evenly through the mix (so a prefix has the ratio too).
+
+    Returns:
+        (mixed rows, reasoning-only rows, {"reasoning", "non_reasoning", "size", "ratio", "target_ratio"})
+    """
+    want_reasoning, want_non_reasoning = mix_sizes(len(reasoning), ratio)
+    n_non = min(want_non_reasoning, len(non_reasoning))
+    n_reasoning = len(reasoning) - n_non
+    mixed = _interleave(reasoning[:n_reasoning], non_reasoning[:n_non])
+    control = list(reasoning[: n_reasoning + n_non])
+    stats = {"reasoning": n_reasoning, "non_reasoning": n_non, "size": len(mixed),
+             "ratio": n_reasoning / n_non if n_non else math.inf, "target_ratio": ratio}  # fmt: skip
+    return mixed, control, stats
+
+
+def _interleave(first: list, second: list) -> list:
+    """``first`` with ``second``'s rows spread evenly through it, both in order."""
+    total = len(first) + len(second)
+    out, j = [], 0
+    for i in range(total):
+        if j < len(second) and (j + 1) * total <= (i + 1) * len(second):
+            out.append(second[j])
+            j += 1
+        else:
+            out.append(first[i - j])
+    return out
