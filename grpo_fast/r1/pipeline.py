@@ -59,9 +59,8 @@ import torch
 
 from ..trainer import configio, tracking
 from ..trainer.checkpoint import latest_checkpoint
-from ..trainer.evaluation import completion_id_lists, decode_completions, prompt_text
-from ..trainer.rewards import accuracy_reward, format_reward, score_completions
-from ..trainer.rollout import encode_prompts, generate
+from ..trainer.evaluation import prompt_text, sample_and_score
+from ..trainer.rewards import accuracy_reward, format_reward
 from . import simple as r1_simple
 from . import world as r1_toy
 from .config import (  # noqa: F401  (re-exported: the pipeline's public names)
@@ -447,17 +446,12 @@ def _score(model, tokenizer, dataset, k, sampling, max_new_tokens, seed, batch_s
     funcs = [accuracy_reward, format_reward, language_consistency_reward]
     generator = torch.Generator().manual_seed(seed)
     scores, lengths, reasoning = [], [], []
-    prompts = [p for p in dataset["prompt"] for _ in range(k)]
-    columns = {c: [v for v in dataset[c] for _ in range(k)] for c in dataset.column_names if c != "prompt"}
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids, mask = encode_prompts(tokenizer, [prompt_text(tokenizer, p) for p in chunk], None, "cpu")
-        rollout = generate(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                           generator=generator, **sampling)  # fmt: skip
-        cols = {c: v[start : start + batch_size] for c, v in columns.items()}
-        cols["completion_ids"] = completion_id_lists(rollout)
-        completions = decode_completions(tokenizer, cols["completion_ids"], chunk)
-        per_function, _ = score_completions(funcs, [1.0] * len(funcs), chunk, completions, cols)
+    rows_per_batch = max(1, batch_size // k)  # batch_size completions per generate call
+    for start in range(0, len(dataset), rows_per_batch):
+        rows = dataset[start : start + rows_per_batch]
+        rollout, completions, per_function, _ = sample_and_score(
+            model, tokenizer, rows, k, funcs, max_new_tokens=max_new_tokens, generator=generator, **sampling
+        )
         scores.append(per_function)
         lengths.append(rollout.lengths)
         thoughts = [reasoning_text(c) for c in completions]

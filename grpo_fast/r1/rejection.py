@@ -37,9 +37,8 @@ from pathlib import Path
 
 import torch
 
-from ..trainer.evaluation import completion_id_lists, decode_completions, prompt_text
-from ..trainer.rewards import accuracy_reward, format_reward, score_completions
-from ..trainer.rollout import encode_prompts, generate
+from ..trainer.evaluation import sample_and_score
+from ..trainer.rewards import accuracy_reward, format_reward
 from .language import language_consistency_reward, reasoning_text
 
 FILTERS = ("length", "format", "correct", "language", "duplicate", "cap")
@@ -179,14 +178,17 @@ def sample_completions(
         if on_batch is not None:
             on_batch()
         rows = dataset[start : start + rows_per_batch]
-        prompts = [p for p in rows["prompt"] for _ in range(k)]
-        ids, mask = encode_prompts(tokenizer, [prompt_text(tokenizer, p) for p in prompts], None, device)
-        rollout = generate(model, ids, mask, config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                           temperature=config.temperature, top_p=config.top_p, generator=generator)  # fmt: skip
-        columns = {c: [v for v in values for _ in range(k)] for c, values in rows.items() if c != "prompt"}
-        columns["completion_ids"] = completion_id_lists(rollout)
-        completions = decode_completions(tokenizer, columns["completion_ids"], prompts)
-        scores, _ = score_completions(funcs, [1.0] * len(funcs), prompts, completions, columns)  # (B, 3)
+        rollout, completions, scores, _ = sample_and_score(
+            model,
+            tokenizer,
+            rows,
+            k,
+            funcs,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            generator=generator,
+        )  # (B, 3) scores
         for i, completion in enumerate(completions):
             correct, well_formed, language = (None if math.isnan(x) else x for x in scores[i].tolist())
             samples.append(
