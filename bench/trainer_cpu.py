@@ -40,11 +40,11 @@ def main() -> None:
     threads = result["grpo_fast"]["threads"]
     print(f"# one GRPO step: {shape.prompts} prompts x G={shape.group}, <= {shape.max_new} new tokens{gc}, {threads} "
           f"threads; {args.steps} steps each after {args.warmup} warm-up, alternating")  # fmt: skip
-    print(f"{'trainer':16} {'median s':>9} {'min s':>7} {'max s':>7} {'peak extra MiB':>15} {'warm-up s':>10}")
+    print(f"{'trainer':18} {'median s':>9} {'min s':>7} {'max s':>7} {'peak extra MiB':>15} {'warm-up s':>10}")
     for name, r in result.items():
         s = r["times"]
         mib = r["peak_extra_bytes"] / 2**20
-        print(f"{name:16} {statistics.median(s):9.3f} {min(s):7.3f} {max(s):7.3f} {mib:15.0f} {r['warmup_s']:10.1f}")
+        print(f"{name:18} {statistics.median(s):9.3f} {min(s):7.3f} {max(s):7.3f} {mib:15.0f} {r['warmup_s']:10.1f}")
     print("(warm-up s: the untimed first steps; grpo_fast_compiled's include compiling its sampling step)")
     _print_phases(result)
     ours, trl = result["grpo_fast"]["times"], result["trl"]["times"]
@@ -69,13 +69,13 @@ def _print_phases(result: dict) -> None:
             return
         update = [t - s for t, s in zip(r["times"], r["sampling_times"])]
         phases[name] = (statistics.median(r["sampling_times"]), statistics.median(update))
-    print(f"{'phase (median s)':18} {'sampling':>9} {'update':>9}")
+    print(f"{'phase (median s)':30} {'sampling':>9} {'update':>9}")
     for name, (sampling, update) in phases.items():
-        print(f"{name:18} {sampling:9.3f} {update:9.3f}")
+        print(f"{name:30} {sampling:9.3f} {update:9.3f}")
     for other in ("trl", "grpo_fast_compiled"):
         if other in phases:
             (s_ours, u_ours), (s_other, u_other) = phases["grpo_fast"], phases[other]
-            print(f"{other + ' / grpo_fast':18} {s_other / s_ours:8.2f}x {u_other / u_ours:8.2f}x")
+            print(f"{other + ' / grpo_fast':30} {s_other / s_ours:8.2f}x {u_other / u_ours:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class GRPOConfig:
     top_p: float = _f(1.0, "nucleus sampling mass")
     top_k: int = _f(0, "top-k sampling; 0 = off")
     decode_graphs: str = _f(
-        "auto", "rollout steps as one fixed-shape step (compiled on CPU, a CUDA graph on CUDA): auto | on | off"
+        "auto", "rollout steps as one fixed-shape step: on (CUDA graph; CPU: compiled), off (eager), auto (on on CUDA)"
     )
     # GRPO objective
     beta: float = _f(0.0, "KL coefficient (k3 estimator, in the loss). DeepSeekMath 0.04, R1 0.001, DAPO 0")

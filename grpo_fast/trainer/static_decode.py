@@ -1,4 +1,7 @@
-"""Sampling as one fixed-shape step: compiled by inductor on CPU, replayed as a CUDA graph on CUDA.
+"""Sampling as one fixed-shape step: replayed as a CUDA graph on CUDA, compiled by inductor on CPU.
+
+Used by ``grpo_fast.trainer.rollout.generate(decode_graphs=...)`` (``GRPOConfig.decode_graphs``): "auto" is the CUDA
+graph on CUDA and eager LeanDecoder steps on CPU (``CPU_AUTO``), "on" the fixed-shape step on either.
 
 ``LeanDecoder`` (grpo_fast.trainer.decoding) runs each one-token step as a hundred small operations whose shapes
 change every step (the cache is sliced to its filled part) and whose batch shrinks as rows finish. Here
