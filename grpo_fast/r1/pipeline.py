@@ -59,6 +59,7 @@ import torch
 
 from ..trainer import configio, tracking
 from ..trainer.checkpoint import latest_checkpoint
+from ..trainer.data import DATA_FORMATS
 from ..trainer.evaluation import prompt_text, sample_and_score
 from ..trainer.rewards import accuracy_reward, format_reward
 from . import simple as r1_simple
@@ -79,7 +80,6 @@ from .language import language_consistency_reward, reasoning_text
 from .report import compare, effect_table, plot_report, round_table, stage_table  # noqa: F401
 
 STAGE_FILE = "stage.json"
-DATA_FILES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 # ----------------------------------------------------------------------------- running
@@ -264,11 +264,11 @@ class Pipeline:
 
         if stage.non_reasoning_data == "toy:simple":
             source = r1_simple.source_answer_set(self.simple["train"], len(self.simple["train"]), self.config.seed)
-        elif Path(stage.non_reasoning_data).suffix in DATA_FILES:
+        elif Path(stage.non_reasoning_data).suffix in DATA_FORMATS:
             source = self._load_data(stage.non_reasoning_data)
         else:
             raise configio.ConfigError(f"stage {stage.name!r}: non_reasoning_data is 'toy:simple' or a data file "
-                                       f"({', '.join(DATA_FILES)}), got {stage.non_reasoning_data!r}")  # fmt: skip
+                                       f"({', '.join(DATA_FORMATS)}), got {stage.non_reasoning_data!r}")  # fmt: skip
         columns = [c for c in ("prompt", "completion", "answer") if c in source.column_names]
         if columns[:2] != ["prompt", "completion"]:
             raise configio.ConfigError(f"stage {stage.name!r}: non_reasoning_data needs prompt and completion columns")
@@ -316,7 +316,7 @@ class Pipeline:
             data = r1_toy.pretraining_corpus(self.splits["train"], seed=self.config.seed, simple=self.simple["train"])
         elif stage.data == "toy:cold_start":
             data = r1_toy.cold_start_set(self.splits["train"], stage.data_size or 256, seed=self.config.seed)
-        elif Path(stage.data).suffix in DATA_FILES:
+        elif Path(stage.data).suffix in DATA_FORMATS:
             data = self._load_data(stage.data)
         else:
             name, _, part = stage.data.partition(":")
