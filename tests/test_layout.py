@@ -10,6 +10,8 @@ Every import counts, also one inside a function (a lazy import still ties the tw
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,38 @@ def test_the_path_reader_finds_paths():
         "grpo_fast/r1/world.py",
         "bench/results/r1/seed0-report.png",
     }
+
+
+IMPORT_KERNELS = """
+import importlib.metadata
+import kernels
+try:
+    version = importlib.metadata.version("kernels")
+except importlib.metadata.PackageNotFoundError:
+    version = None
+print(getattr(kernels, "__file__", None))
+print(version)
+"""
+
+
+def test_the_kernels_folder_never_shadows_the_pypi_kernels_package():
+    """``kernels/`` sits at the repository root, which ``python -m ...``, ``python -c`` and a REPL put first on
+    sys.path. It must not be a regular package there, or ``import kernels`` (transformers' hub kernels) would
+    import it in place of the PyPI package of that name. With the PyPI package installed, ``import kernels``
+    from the root finds that package; without it, the folder is at most a namespace portion that runs no code."""
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/__init__.py makes kernels/ shadow PyPI's kernels"
+    result = subprocess.run([sys.executable, "-c", IMPORT_KERNELS], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:  # no PyPI kernels and no namespace portion either: nothing is shadowed
+        assert "No module named 'kernels'" in result.stderr, result.stderr
+        return
+    origin, version = result.stdout.split()
+    if version != "None":  # the PyPI package is installed: it is what the root's `import kernels` gets
+        assert origin != "None" and not Path(origin).resolve().is_relative_to(ROOT / "kernels"), origin
+    else:
+        assert origin == "None", f"`import kernels` ran {origin}"  # the folder as an empty namespace package
+
+
+def test_grpo_fast_kernels_is_the_kernels_folder():
+    import grpo_fast.kernels.token_stats as token_stats
+
+    assert Path(token_stats.__file__).resolve() == (ROOT / "kernels" / "token_stats.py").resolve()
