@@ -135,8 +135,16 @@ class PolicyUpdate:
             self.optimizer.step()
         else:
             sums["updates_skipped"] = self._nonfinite_update(sums["loss"], sums["grad_norm"])
-        self.scheduler.step()  # the LR schedule follows the step count, applied or not
+        self._schedule_step(skipped=bool(sums["updates_skipped"]))
         return sums
+
+    def _schedule_step(self, skipped: bool) -> None:
+        """The LR schedule follows the step count, the update applied or not. When the run's first update is
+        skipped, torch warns that the schedule steps before the optimizer ever did: here that is by design."""
+        with warnings.catch_warnings():
+            if skipped:
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
 
     def _nonfinite_update(self, loss: float, grad_norm: float) -> float:
         """A NaN/inf loss or gradient norm: the update is not applied. on_nonfinite="raise": NonFiniteError
