@@ -18,6 +18,7 @@ import pathlib
 import re
 import resource
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -254,8 +255,7 @@ def test_resume_truncation_on_a_full_disk_never_tears_the_history(tmp_path):
 # ----------------------------------------------------------------------------- SIGTERM / SIGUSR1
 def _child_cli_train(config_file: Path, marker: Path, err: Path) -> None:
     """Body of a signalled child: ``grpo-fast train`` that blocks before its second step."""
-    fd = os.open(err, os.O_WRONLY | os.O_CREAT)
-    os.dup2(fd, 2)
+    sys.stderr = open(err, "w", buffering=1)  # (pytest captures the test process' sys.stderr)
     real, calls = GRPOTrainer.step, []
 
     def step(self):
@@ -267,7 +267,9 @@ def _child_cli_train(config_file: Path, marker: Path, err: Path) -> None:
 
     GRPOTrainer.step = step
     torch.set_num_threads(1)
-    os._exit(main(["train", "--config", str(config_file)]))
+    code = main(["train", "--config", str(config_file)])
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -372,7 +374,7 @@ def test_disk_full_on_any_checkpoint_file_names_it_and_keeps_the_previous_checkp
 def test_disk_full_on_the_runs_config_names_it(tmp_path, rows, monkeypatch):
     t = trainer(tmp_path, rows)
     fail_writes(monkeypatch, "run grpo_config.yaml")
-    with pytest.raises(OSError, match=rf"could not write {re.escape(str(tmp_path / 'grpo_config.yaml'))}: disk full"):
+    with pytest.raises(OSError, match=rf"could not write {re.escape(str(tmp_path / 'grpo_config.yaml'))}: No space left on device \(disk full\)"):
         t.train()
 
 
@@ -407,7 +409,7 @@ def test_disk_full_on_metrics_names_the_file_and_publishes_no_checkpoint_after_i
 
     t = trainer(tmp_path, rows, save_steps=1)
     monkeypatch.setattr(metrics, "open", full_on_second_line, raising=False)
-    with pytest.raises(OSError, match=rf"could not write {re.escape(str(tmp_path / 'metrics.jsonl'))}: disk full"):
+    with pytest.raises(OSError, match=rf"could not write {re.escape(str(tmp_path / 'metrics.jsonl'))}: No space left on device \(disk full\)"):
         t.train()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1" and logged_steps(tmp_path) == [1]
 
