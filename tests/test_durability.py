@@ -30,11 +30,11 @@ import yaml
 
 from grpo_fast.cli import load_train_config, main
 from grpo_fast.r1 import toy
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer, MetricsLog, checkpoint, evaluation, metrics, run_dir
+from grpo_fast.trainer import GRPOConfig, GRPOTrainer, MetricsLog, evaluation, metrics, run_dir
 from grpo_fast.trainer.checkpoint import latest_checkpoint
 from grpo_fast.trainer.configio import ConfigError
 from grpo_fast.trainer.data import load_data_file
-from grpo_fast.trainer.plotting import plot_run, read_metrics
+from grpo_fast.trainer.plotting import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 
@@ -343,7 +343,8 @@ def fail_writes(monkeypatch, name: str) -> None:
         return real_torch(obj, f, *args, **kwargs)
 
     def write_text(self, *args, **kwargs):
-        if target(self) or (name == "run grpo_config.yaml" and self.name == "grpo_config.yaml" and ".checkpoint" not in str(self)):
+        in_run_dir = self.name == "grpo_config.yaml" and ".checkpoint" not in str(self)
+        if target(self) or (name == "run grpo_config.yaml" and in_run_dir):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
         return real_text(self, *args, **kwargs)
 
@@ -374,7 +375,8 @@ def test_disk_full_on_any_checkpoint_file_names_it_and_keeps_the_previous_checkp
 def test_disk_full_on_the_runs_config_names_it(tmp_path, rows, monkeypatch):
     t = trainer(tmp_path, rows)
     fail_writes(monkeypatch, "run grpo_config.yaml")
-    with pytest.raises(OSError, match=rf"could not write {re.escape(str(tmp_path / 'grpo_config.yaml'))}: No space left on device \(disk full\)"):
+    file = re.escape(str(tmp_path / "grpo_config.yaml"))
+    with pytest.raises(OSError, match=rf"could not write {file}: No space left on device \(disk full\)"):
         t.train()
 
 
@@ -409,7 +411,8 @@ def test_disk_full_on_metrics_names_the_file_and_publishes_no_checkpoint_after_i
 
     t = trainer(tmp_path, rows, save_steps=1)
     monkeypatch.setattr(metrics, "open", full_on_second_line, raising=False)
-    with pytest.raises(OSError, match=rf"could not write {re.escape(str(tmp_path / 'metrics.jsonl'))}: No space left on device \(disk full\)"):
+    file = re.escape(str(tmp_path / "metrics.jsonl"))
+    with pytest.raises(OSError, match=rf"could not write {file}: No space left on device \(disk full\)"):
         t.train()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1" and logged_steps(tmp_path) == [1]
 
@@ -554,7 +557,8 @@ def _bad_data(tmp_path, kind: str) -> Path:
              "no_prompt_jsonl": "d.jsonl", "no_prompt_csv": "d.csv"}  # fmt: skip
     path = tmp_path / names[kind]
     content = {"empty": "", "not_json": "this is { not json\n", "not_parquet": "PAR? no\n",
-               "no_prompt_jsonl": '{"question": "1+2=", "answer": "3"}\n', "no_prompt_csv": "question,answer\n1+2=,3\n"}  # fmt: skip
+               "no_prompt_jsonl": '{"question": "1+2=", "answer": "3"}\n',
+               "no_prompt_csv": "question,answer\n1+2=,3\n"}  # fmt: skip
     if kind in content:
         path.write_text(content[kind])
     return path

@@ -44,7 +44,7 @@ def as_os_error(error: BaseException) -> OSError:
 
 
 def detail(error: OSError) -> str:
-    """"No space left on device: FILE (disk full)": the system's words, the file it names, the plain cause."""
+    """The system's words, the file it names, the plain cause: ``No space left on device: FILE (disk full)``."""
     text = error.strerror or str(error)
     if error.filename is not None:
         text += f": {error.filename}"
