@@ -372,6 +372,29 @@ def test_disk_full_on_any_checkpoint_file_names_it_and_keeps_the_previous_checkp
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1" and hidden_leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("free_blocks,cause", [(0, "No space left on device"), (10, "Input/output error")])
+def test_torch_save_runtime_error_is_an_os_error_naming_the_file(tmp_path, rows, monkeypatch, free_blocks, cause):
+    t = trainer(tmp_path, rows, max_steps=1)
+    real_statvfs = os.statvfs
+
+    def torch_save(obj, f, *args, **kwargs):  # what torch's own file writer raises on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    class Stats:
+        def __init__(self, path):
+            self.real = real_statvfs(path)
+
+        def __getattr__(self, name):
+            return free_blocks if name == "f_bavail" else getattr(self.real, name)
+
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(os, "statvfs", Stats)
+    with pytest.raises(OSError, match=r"could not save checkpoint .*checkpoint-1: .*optimizer.pt") as info:
+        t.train()
+    assert cause == os.strerror(info.value.errno)
+    assert ("disk full" in str(info.value)) == (free_blocks == 0) and hidden_leftovers(tmp_path) == []
+
+
 def test_disk_full_on_the_runs_config_names_it(tmp_path, rows, monkeypatch):
     t = trainer(tmp_path, rows)
     fail_writes(monkeypatch, "run grpo_config.yaml")
