@@ -295,7 +295,7 @@ def _run_arguments_yaml(run: RunArguments) -> str:
     """The run keys as saved next to grpo_config.yaml, data files as absolute paths (``grpo-fast eval``
     reads eval_dataset from there when given the run's directory or one of its checkpoints)."""
     given = {k: getattr(run, k) for k in ("dataset", "eval_dataset")}
-    files = {k: str(Path(v).resolve()) for k, v in given.items() if v not in (None, "toy")}
+    files = {k: str(Path(configio.expand_path(v, k)).resolve()) for k, v in given.items() if v not in (None, "toy")}
     return yaml.safe_dump(configio.to_dict(dataclasses.replace(run, **files)), sort_keys=False)
 
 

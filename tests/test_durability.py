@@ -575,6 +575,17 @@ def test_tilde_in_a_data_file_is_expanded(tmp_path, monkeypatch):
     assert load_data_file("~/d.jsonl")["prompt"] == ["1+2="]
 
 
+def test_cli_train_expands_tilde_in_output_dir_and_data_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"prompt": "{a}+{a}=", "answer": "{2 * a}"}}\n' for a in range(1, 5)))
+    path = cli_config(tmp_path, output_dir="~/run", dataset="~/d.jsonl", eval_dataset="$HOME/d.jsonl")
+    assert main(["train", "--config", path]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "run_arguments.yaml").read_text())
+    assert saved["dataset"] == saved["eval_dataset"] == str(tmp_path / "d.jsonl")
+    assert (tmp_path / "run" / "checkpoint-1").is_dir() and not (tmp_path / "~").exists()
+
+
 def _bad_data(tmp_path, kind: str) -> Path:
     names = {"missing": "d.jsonl", "empty": "d.jsonl", "not_json": "d.json", "not_parquet": "d.parquet",
              "no_prompt_jsonl": "d.jsonl", "no_prompt_csv": "d.csv"}  # fmt: skip
