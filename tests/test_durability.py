@@ -295,6 +295,61 @@ def test_stop_signal_saves_the_last_finished_step_and_exits_128_plus_the_signal(
     assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-1"
 
 
+def _child_rank(rank: int, port: int, config_file: Path, out: Path) -> None:
+    """One of two processes with torchrun's environment running ``grpo-fast train``; rank 0 waits before
+    its second step until the test has sent it a stop signal (``out/go``)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")  # fmt: skip
+    sys.stderr = open(out / f"stderr-{rank}", "w", buffering=1)
+    real, calls = GRPOTrainer.step, []
+
+    def step(self):
+        calls.append(1)
+        if rank == 0 and len(calls) == 2:
+            (out / "blocked").write_text("")
+            deadline = time.monotonic() + 120
+            while not (out / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return real(self)
+
+    GRPOTrainer.step = step
+    torch.set_num_threads(1)
+    code = main(["train", "--config", str(config_file)])
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def test_stop_signal_to_one_rank_stops_every_rank_after_a_collective_save(tmp_path):
+    import socket
+
+    path = Path(cli_config(tmp_path, max_steps=4))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=_child_rank, args=(r, port, path, tmp_path)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "blocked").exists() and all(p.is_alive() for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(ranks[0].pid, signal.SIGTERM)  # rank 0 only: rank 1 learns of it at the step boundary
+        (tmp_path / "go").write_text("")
+        for p in ranks:
+            p.join(120)
+    finally:
+        for p in ranks:
+            if p.is_alive():  # hung in a collective the other rank never joined
+                p.kill()
+                p.join()
+    err = [(tmp_path / f"stderr-{r}").read_text() for r in (0, 1)]
+    assert [p.exitcode for p in ranks] == [143, 143], err
+    assert "SIGTERM: saved" in err[0] and all("grpo-fast train: stopped by SIGTERM" in e for e in err), err
+    run = tmp_path / "run"
+    assert latest_checkpoint(run) == run / "checkpoint-2" and logged_steps(run) == [1, 2]
+
+
 def test_signal_handlers_are_restored_after_training(tmp_path, rows):
     def mine(signum, frame):
         pass

@@ -64,7 +64,7 @@ from .metrics import MetricsLog, format_metrics, peak_memory_mib
 from .modeling import backbone_and_head
 from .rewards import reward_name
 from .rollout import Rollout, encode_prompts
-from .run_dir import RunDirectory, stop_signals_raise
+from .run_dir import RunDirectory, stop_signals
 from .schedule import lr_lambda
 from .update import PolicyUpdate
 from .writes import reported
@@ -418,22 +418,23 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         Ctrl-C (one process) saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt.
         SIGTERM and SIGUSR1 (preemption: Slurm, Kubernetes, spot instances) do the same while ``train`` runs
         in the main thread: they raise ``StopSignal``, a KeyboardInterrupt naming the signal; the previous
-        handlers are restored when ``train`` returns.
+        handlers are restored when ``train`` returns. With several processes a stop signal (to any rank) is
+        acted on at the end of the step: every rank saves that step together, then raises StopSignal.
 
         Metrics: a step's metrics.jsonl line is on disk before that step's checkpoint is published (its
         evaluation, which runs after the checkpoint, is then added to the line atomically), so the history
         always covers every logged step up to the checkpoint a resume starts from.
         """
-        with self._own_output_dir(bool(resume_from_checkpoint)), stop_signals_raise():
+        with self._own_output_dir(bool(resume_from_checkpoint)), stop_signals(not self.dist.enabled) as received:
             try:
-                metrics = self._train(resume_from_checkpoint)
+                metrics = self._train(resume_from_checkpoint, received)
                 self.dist.barrier()  # every rank returns once rank 0 has written the last metrics (after the save)
                 return metrics
             except KeyboardInterrupt as stop:  # Ctrl-C, or StopSignal (SIGTERM, SIGUSR1)
                 self._save_on_interrupt(getattr(stop, "name", "interrupted"))
                 raise
 
-    def _train(self, resume_from_checkpoint) -> dict[str, float]:
+    def _train(self, resume_from_checkpoint, received: list[int]) -> dict[str, float]:
         cfg, main = self.config, self.dist.is_main
         self._resume(resume_from_checkpoint)
         if main:  # only now: the config validated, the dir is ours
@@ -467,6 +468,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
                     tracker.log_completions(self.completions_table(), step)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", refresh=False)
                 bar.update(1)
+                self._stop_if_signalled(received)  # several processes: a stop signal, at the step boundary
         return metrics
 
     def start_tracking(self) -> tracking.Trackers:

@@ -44,24 +44,27 @@ class StopSignal(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stop_signals_raise():
-    """Within the block, the first stop signal raises StopSignal in the main thread (a repeat while the
-    checkpoint is saved is ignored); the previous handlers are restored after. Outside the main thread
-    (where Python cannot install handlers) nothing changes."""
+def stop_signals(raise_at_once: bool = True):
+    """Within the block, catch the first stop signal (a repeat, e.g. while the checkpoint is saved, is
+    ignored) and yield the list that records it. ``raise_at_once``: StopSignal is raised in the main thread
+    right away (one process, as Ctrl-C); else it is only recorded, for the trainer to act on at the next
+    step boundary together with the other ranks. The previous handlers are restored after. Outside the
+    main thread (where Python cannot install handlers) nothing is installed."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
-    received = []
 
     def handler(signum, frame):
         if not received:
             received.append(signum)
-            raise StopSignal(signum)
+            if raise_at_once:
+                raise StopSignal(signum)
 
     signums = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
     previous = {s: signal.signal(s, handler) for s in signums}
     try:
-        yield
+        yield received
     finally:
         for s, old in previous.items():
             signal.signal(s, signal.SIG_DFL if old is None else old)
@@ -236,6 +239,22 @@ class RunDirectory:
         if self.state.step > 0 and self.state.step != self._saved_step:
             path = self.save_checkpoint()
             print(f"{why}: saved {path} (step {self.state.step}); continue with --resume", file=sys.stderr)
+
+    def _stop_if_signalled(self, received: list[int]) -> None:
+        """Several processes: a stop signal that any rank received (``received``: this rank's) is acted on
+        here, at a step boundary, by every rank together: save the step (a collective), then raise
+        StopSignal on every rank."""
+        if not self.dist.enabled:
+            return  # one process: the handler raised at once
+        signum = self.dist.max_int(received[0] if received else 0)
+        if not signum:
+            return
+        stop = StopSignal(signum)
+        if self.state.step != self._saved_step:
+            path = self.save_checkpoint()
+            if self.dist.is_main:
+                print(f"{stop.name}: saved {path} (step {self.state.step}); continue with --resume", file=sys.stderr)
+        raise stop
 
     def _resume(self, resume_from_checkpoint) -> None:
         if not resume_from_checkpoint:
