@@ -14,7 +14,8 @@ Unknown keys are errors.
 Errors are one line, ``grpo-fast <command>: error: <what>; <remedy>``, with exit code 2 for bad usage
 (a config value, a path, a dataset) and 1 for a run that failed (a reward function, a full disk, a NaN
 loss); ``--debug`` (anywhere on the line) shows the traceback instead. Ctrl-C during ``train`` saves a
-checkpoint of the last finished step and exits with 130.
+checkpoint of the last finished step and exits with 130; SIGTERM and SIGUSR1 (preemption) do the same and
+exit with 128 + the signal number (143, 138 on Linux).
 """
 
 from __future__ import annotations
@@ -110,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo, "pipeline": _pipeline}
         return commands[args.command](args, rest)
-    except KeyboardInterrupt:
-        print(f"grpo-fast {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or a StopSignal (SIGTERM, SIGUSR1) during training
+        signum = getattr(stop, "signum", None)
+        if signum is None:
+            print(f"grpo-fast {args.command}: interrupted", file=sys.stderr)
+            return 130
+        print(f"grpo-fast {args.command}: {stop} (exit code {128 + signum})", file=sys.stderr)
+        return 128 + signum
     except Exception as error:
         if debug:
             raise
@@ -290,7 +295,7 @@ def _run_arguments_yaml(run: RunArguments) -> str:
     """The run keys as saved next to grpo_config.yaml, data files as absolute paths (``grpo-fast eval``
     reads eval_dataset from there when given the run's directory or one of its checkpoints)."""
     given = {k: getattr(run, k) for k in ("dataset", "eval_dataset")}
-    files = {k: str(Path(v).resolve()) for k, v in given.items() if v not in (None, "toy")}
+    files = {k: str(Path(configio.expand_path(v, k)).resolve()) for k, v in given.items() if v not in (None, "toy")}
     return yaml.safe_dump(configio.to_dict(dataclasses.replace(run, **files)), sort_keys=False)
 
 
@@ -332,8 +337,10 @@ def _datasets(dataset: str, eval_dataset: str | None, seed: int):
 
     if dataset == "toy":
         splits = toy.make_splits(seed=seed)
-        return splits["train"], (splits["test"] if eval_dataset is None else load_data_file(eval_dataset))
-    return load_data_file(dataset), (None if eval_dataset is None else load_data_file(eval_dataset))
+        train, held_out = splits["train"], splits["test"]
+    else:
+        train, held_out = load_data_file(dataset, ("prompt",)), None
+    return train, (held_out if eval_dataset is None else load_data_file(eval_dataset, ("prompt",)))
 
 
 def _eval(args, rest) -> int:
@@ -345,7 +352,7 @@ def _eval(args, rest) -> int:
     from .trainer.modeling import load_model
 
     name = args.dataset or _run_eval_dataset(args.model)
-    dataset = toy.make_splits()["test"] if name == "toy" else load_data_file(name)
+    dataset = toy.make_splits()["test"] if name == "toy" else load_data_file(name, ("prompt",))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -510,7 +510,7 @@ def test_cli_dataset_without_prompt_column_keeps_the_runs_config(tmp_path, capsy
     run.mkdir()
     (run / "grpo_config.yaml").write_text("the earlier run's config\n")
     one_error_line(capsys, 2, ["train", "--config", cli_config(tmp_path, dataset=str(data))],
-                   r"train_dataset needs a 'prompt' column")  # fmt: skip
+                   rf"dataset file {re.escape(str(data))} has no 'prompt' column")  # fmt: skip
     assert (run / "grpo_config.yaml").read_text() == "the earlier run's config\n"
 
 

@@ -13,7 +13,7 @@ from .batch import Batch, TrainerState
 from .config import GRPOConfig
 from .grpo import GRPOTrainer
 from .metrics import MetricsLog, format_metrics, peak_memory_mib
-from .run_dir import OutputDirInUseError
+from .run_dir import OutputDirInUseError, StopSignal
 from .schedule import lr_lambda
 from .update import NonFiniteError
 
@@ -24,6 +24,7 @@ __all__ = [
     "MetricsLog",
     "NonFiniteError",
     "OutputDirInUseError",
+    "StopSignal",
     "TrainerState",
     "format_metrics",
     "lr_lambda",

@@ -126,6 +126,9 @@ class GRPOConfig:
     def __post_init__(self):
         object.__setattr__(self, "report_to", tracking.check_report_to(self.report_to))  # a name -> (name,)
         configio.check_field_types(self)  # types, and no NaN/inf in any float field
+        for name in ("output_dir", "logging_dir"):  # ~ and $VAR, as a shell would
+            if getattr(self, name):
+                object.__setattr__(self, name, configio.expand_path(getattr(self, name), name))
         for name in (
             "max_steps",
             "logging_steps",

@@ -4,7 +4,9 @@ the protocol the trainer calls them with.
 Protocol (TRL's): ``fn(prompts, completions, **kwargs) -> list[float | None]`` with one entry per
 completion. ``prompts`` and ``completions`` are strings (or chat message lists for conversational
 data); kwargs carry every dataset column except ``prompt`` (e.g. ``answer``), plus ``completion_ids``
-(list of token-id lists, EOS included). ``None`` means "this function does not apply to this sample":
+(list of token-id lists, EOS included). A dataset column named like an argument the protocol reserves
+(``RESERVED_ARGUMENTS``: the sampled text and what TRL passes besides) is refused, never passed: it would
+replace the sampled text. ``None`` means "this function does not apply to this sample":
 it becomes NaN and is left out of the weighted sum, as in TRL. A tuple, 1-d tensor or 1-d numpy array of
 Python or numpy numbers is taken as the list it holds.
 
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 RewardFunction = Callable[..., list]
+RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")  # never dataset columns
 ON_ERROR = ("raise", "skip")
 logger = logging.getLogger(__name__)
 
@@ -159,6 +162,17 @@ def get_reward_function(name: str) -> RewardFunction:
     if name not in REWARD_FUNCTIONS:
         raise ValueError(f"unknown reward function {name!r}; built-in ones are {sorted(REWARD_FUNCTIONS)}")
     return REWARD_FUNCTIONS[name]
+
+
+def check_reward_columns(columns, name: str) -> None:
+    """ValueError when ``name`` (a dataset) has a column named like a reserved reward argument."""
+    for column in columns:
+        if column in RESERVED_ARGUMENTS:
+            raise ValueError(
+                f"{name} has a column {column!r}, a name reward functions receive the sampled text (or trainer "
+                f"data) under ({', '.join(RESERVED_ARGUMENTS)} are reserved): it would replace it; rename it, e.g. "
+                f"{name}.rename_column({column!r}, 'reference_{column}')"
+            )
 
 
 def reward_name(fn) -> str:
