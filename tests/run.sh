@@ -13,10 +13,22 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     # the CPU build; on a CUDA machine install the torch you want before running this script
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-# Every other package is upgraded to its newest allowed release (also one found in the system's site-packages
-# or left by an earlier run), so a new release that breaks us shows here; torch stays the one installed.
+# Every direct dependency but torch is upgraded to its newest allowed release (also one found in the system's
+# site-packages or left by an earlier run), so a new release that breaks us shows here; torch stays the one
+# installed. Their own dependencies are upgraded only where a new release needs it.
 TORCH=$("$PY" -c "import torch; print(torch.__version__)")
-"$PY" -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" "torch==$TORCH"
+mapfile -t DEPS < <("$PY" - <<'TOML'
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for dep in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    if dep.split(">")[0].split("=")[0].split(";")[0].strip() != "torch":
+        print(dep)
+TOML
+)
+"$PY" -m pip install -q --upgrade -e ".[dev]" "${DEPS[@]}" "torch==$TORCH"
 "$PY" - <<'EOF'
 import importlib.metadata as md
 
