@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 PPO_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # loss types whose normaliser divides by the number of sequences B (reference.aggregation_weights)
 PER_SEQUENCE_NORMALISED = ("grpo", "sapo", "dr_grpo", "luspo")
@@ -24,7 +24,9 @@ class LossConfig:
             "dapo" = token mean over the generation batch (DAPO, arXiv 2503.14476);
             "dr_grpo" = sum / (B * max_completion_length) (Dr. GRPO, arXiv 2503.20783);
             "bnpo" = token mean over the micro-batch; "luspo" = mean of per-sequence sums;
-            "cispo" = MiniMax-M1's clipped-IS REINFORCE; "sapo" = soft-gated ratio.
+            "cispo" = MiniMax-M1's clipped-IS REINFORCE; "sapo" = soft-gated ratio;
+            "vespo" = REINFORCE weighted by a gamma function of the sequence-level ratio (VESPO,
+            arXiv 2602.10693), normalised like "dapo".
         importance_sampling_level: "token" (PPO/GRPO) or "sequence" (GSPO, arXiv 2507.18071).
         epsilon: lower clip range, ratio >= 1 - epsilon. DeepSeekMath: 0.2.
         epsilon_high: upper clip range, ratio <= 1 + epsilon_high; None = epsilon. DAPO: 0.28.
@@ -36,6 +38,9 @@ class LossConfig:
         max_completion_length: the constant normaliser of "dr_grpo" (required for it).
         use_bias_correction_kl: multiply the KL term by the importance ratio (DeepSeek-V3.2).
         sapo_temperature_pos / sapo_temperature_neg: SAPO gate temperatures for A > 0 / A <= 0.
+        vespo_k_pos / vespo_lambda_pos: VESPO's gamma weight phi(w) = exp(lambda + k log w - lambda w)
+            for sequences with A >= 0 (k >= 0: power, lambda > 0: decay); TRL's defaults 2.0 / 3.0.
+        vespo_k_neg / vespo_lambda_neg: the same for A < 0; TRL's defaults 3.0 / 2.0.
         entropy_coef: entropy bonus, loss -= entropy_coef * (masked mean entropy) / GA.
         gradient_accumulation_steps: TRL's GA divisor of every loss type.
         steps_per_generation: TRL's ``steps_per_generation`` (None = gradient_accumulation_steps); only
@@ -58,6 +63,10 @@ class LossConfig:
     use_bias_correction_kl: bool = False
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     entropy_coef: float = 0.0
     gradient_accumulation_steps: int = 1
     steps_per_generation: int | None = None
@@ -73,6 +82,9 @@ class LossConfig:
         _check_number("temperature", self.temperature, minimum=0.0, strict=True)
         _check_number("sapo_temperature_pos", self.sapo_temperature_pos, minimum=0.0, strict=True)
         _check_number("sapo_temperature_neg", self.sapo_temperature_neg, minimum=0.0, strict=True)
+        for side in ("pos", "neg"):
+            _check_number(f"vespo_k_{side}", getattr(self, f"vespo_k_{side}"), minimum=0.0)
+            _check_number(f"vespo_lambda_{side}", getattr(self, f"vespo_lambda_{side}"), minimum=0.0, strict=True)
         _check_number("entropy_coef", self.entropy_coef)
         _check_number("log_ratio_clamp", self.log_ratio_clamp, minimum=0.0, strict=True)
         if self.epsilon_high is not None:

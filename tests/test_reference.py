@@ -21,7 +21,7 @@ from grpo_fast import LossConfig
 from grpo_fast import reference as R
 
 F64 = torch.float64
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 PPO = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
@@ -199,6 +199,54 @@ def test_hand_sapo():
     _close(loss, ((s0 + s0) / 2 + s1) / 2, "loss: sapo on-policy")
 
 
+def _hand_phi(log_w, k, lam):
+    log_w = min(max(log_w, math.log(1e-8)), 20.0)
+    return math.exp(lam + k * log_w - lam * math.exp(log_w))
+
+
+def test_hand_vespo_weight_loss_gradient_and_ratio():
+    # VESPO: w = exp(sum_t (logp - old) + sum_t log rho) per sequence, phi = exp(lam + k log w - lam w),
+    # l_t = -sg(phi) A logp_t, normalised like dapo (tokens in the batch).
+    lp = [_hand_logp(LOGITS[0], 1), _hand_logp(LOGITS[1], 2)]
+    old = [-0.9, -0.1]
+    rho = [0.8, 1.3]
+    for a, k, lam in ((0.7, 2.0, 3.0), (-1.5, 3.0, 2.0)):  # A >= 0: (k_pos, lambda_pos); A < 0: the negatives
+        for ratio in (None, rho):
+            log_w = sum(lp[t] - old[t] for t in range(2)) + (0.0 if ratio is None else sum(map(math.log, ratio)))
+            phi = _hand_phi(log_w, k, lam)
+            assert abs(phi - 1) > 0.05  # off-policy: a weight that matters
+            logits = torch.tensor([LOGITS], dtype=F64, requires_grad=True)
+            kw = {} if ratio is None else {"importance_ratio": torch.tensor([ratio], dtype=F64)}
+            cfg = LossConfig(loss_type="vespo", beta=0.0)
+            loss, metrics, _ = R.grpo_loss(logits, torch.tensor([IDS]), torch.tensor([a], dtype=F64),
+                                           old_logprobs=torch.tensor([old], dtype=F64), config=cfg, **kw)  # fmt: skip
+            what = f"A={a} rho={ratio}"
+            _close(loss, -phi * a * (lp[0] + lp[1]) / 2, f"loss: vespo {what}")
+            _close(metrics["vespo/phi_seq_mean"], phi, f"metric: phi {what}")
+            assert not any(key.startswith("clip_ratio") for key in metrics)
+            loss.backward()  # phi is a constant: d l / d z = -phi A / 2 (onehot - p)
+            expected = []
+            for t, row in enumerate(LOGITS):
+                lse = math.log(sum(math.exp(z) for z in row))
+                expected.append([-phi * a / 2 * ((v == IDS[t]) - math.exp(z - lse)) for v, z in enumerate(row)])
+            _close(logits.grad[0], expected, f"grad: vespo {what}")
+
+
+def test_hand_vespo_masked_token_clamps_and_custom_gamma():
+    # A masked token counts neither in w nor through its rollout ratio; k / lambda are the config's;
+    # log w is clamped to [log 1e-8, 20] (a far off-policy sequence gets phi ~ 0, never NaN).
+    lp0 = _hand_logp(LOGITS[0], 1)
+    cfg = LossConfig(loss_type="vespo", beta=0.0, vespo_k_pos=0.5, vespo_lambda_pos=1.7)
+    ratio = torch.tensor([[1.2, 1e-30]], dtype=F64)
+    loss, metrics, _ = _loss(cfg, [0.4], [-1.0, 5.0], mask=(1.0, 0.0), importance_ratio=ratio)
+    phi = _hand_phi(lp0 + 1.0 + math.log(1.2), 0.5, 1.7)
+    _close(loss, -phi * 0.4 * lp0)
+    _close(metrics["vespo/phi_seq_mean"], phi, "metric")
+    for old, expected in ((-60.0, _hand_phi(20.0, 2.0, 3.0)), (60.0, _hand_phi(math.log(1e-8), 2.0, 3.0))):
+        loss, metrics, _ = _loss(LossConfig(loss_type="vespo", beta=0.0), [1.0], [old, old])
+        assert torch.isfinite(loss) and float(metrics["vespo/phi_seq_mean"]) == pytest.approx(expected, abs=1e-12)
+
+
 def test_hand_kl_estimators_and_entropy_bonus():
     lp0, lp1 = _hand_logp(LOGITS[0], 1), _hand_logp(LOGITS[1], 2)
     ref0, ref1 = lp0 - 0.3, lp1 + 0.2
@@ -298,6 +346,15 @@ def _gradcheck_inputs(seed, b=2, t=3, v=5):
     return logits.requires_grad_(), ids, adv, mask, old, ref, ratio
 
 
+def _vespo_constant_phi(logits, ids, mask, tau, cfg):
+    """vespo's weight is detached by design, so a finite difference agrees with the analytic gradient only
+    where phi is locally constant: old 12 nats above logp clamps log w at log 1e-8, and k = 0 leaves
+    phi = exp(lambda (1 - 1e-8)) (the unclamped weight is checked by hand and against TRL)."""
+    old = R.token_logprobs(logits.detach(), ids, tau) + 12.0
+    assert bool(((R.token_logprobs(logits.detach(), ids, tau) - old) * mask).sum(-1).le(-20).all())
+    return old, cfg.replace(vespo_k_pos=0.0, vespo_k_neg=0.0)
+
+
 KL_OPTIONS = (("off", None), ("k1", False), ("k2", False), ("k3", False), ("low_var_kl", False), ("k3", True))
 # delta is accepted (and, as in TRL, ignored) by cispo and sapo: those cases check it changes nothing.
 GRADCHECK_CASES = list(itertools.product(LOSS_TYPES, ("token", "sequence"), (False, True), KL_OPTIONS))
@@ -323,6 +380,8 @@ def test_gradcheck_grpo_loss(loss_type, level, delta, kl):
     )
     if loss_type == "cispo":
         assert bool((torch.exp(R.token_logprobs(logits, ids, 0.7) - old) > 0.3).all())
+    if loss_type == "vespo":
+        old, cfg = _vespo_constant_phi(logits, ids, mask, 0.7, cfg)
 
     def f(x, c=cfg):
         return R.grpo_loss(x, ids, adv, mask, old, ref, c, importance_ratio=ratio, num_items_in_batch=9)[0]
@@ -340,6 +399,8 @@ def test_gradcheck_grpo_loss_defaults(loss_type):
     cfg = LossConfig(loss_type=loss_type, max_completion_length=3, epsilon_high=0.3 if loss_type == "cispo" else None)
     if loss_type == "cispo":
         assert bool((torch.exp(R.token_logprobs(logits, ids) - old) > 0.3).all())
+    if loss_type == "vespo":
+        old, cfg = _vespo_constant_phi(logits, ids, mask, 1.0, cfg)
 
     def f(x):
         return R.grpo_loss(x, ids, adv, mask, old, ref, cfg)[0]

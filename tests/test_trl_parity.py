@@ -30,7 +30,14 @@ from grpo_fast import LossConfig
 
 F32 = torch.float32
 B, T, V = 4, 6, 33
-MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+MEAN_METRICS = (
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "vespo/phi_seq_mean",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,6 +66,10 @@ def _stand_in(cfg: LossConfig, logits: torch.Tensor, use_vllm: bool):
         use_bias_correction_kl=cfg.use_bias_correction_kl,
         sapo_temperature_pos=cfg.sapo_temperature_pos,
         sapo_temperature_neg=cfg.sapo_temperature_neg,
+        vespo_k_pos=cfg.vespo_k_pos,
+        vespo_lambda_pos=cfg.vespo_lambda_pos,
+        vespo_k_neg=cfg.vespo_k_neg,
+        vespo_lambda_neg=cfg.vespo_lambda_neg,
         steps_per_generation=cfg.steps_per_generation or cfg.gradient_accumulation_steps,
     )
     trainer = types.SimpleNamespace(
@@ -90,6 +101,7 @@ def _stand_in(cfg: LossConfig, logits: torch.Tensor, use_vllm: bool):
         return logps, entropies, None
 
     trainer._get_per_token_logps_and_entropies = types.MethodType(per_token_logps_and_entropies, trainer)
+    trainer.get_gamma_weights = GRPOTrainer.get_gamma_weights  # a staticmethod: TRL's vespo weights
     trainer.compute_loss = types.MethodType(GRPOTrainer._compute_loss, trainer)
     return trainer
 
@@ -105,7 +117,7 @@ def _inputs(seed: int, temperature: float, off_policy: bool = True):
     logp = selective_log_softmax_and_entropy(logits, ids, temperature=temperature)[0]
     old = logp + 0.35 * torch.randn(B, T, generator=g) if off_policy else None  # ratios well away from 1
     ref = logp + 0.25 * torch.randn(B, T, generator=g)
-    ratio = 0.5 + torch.rand(B, T, generator=g)
+    ratio = torch.where(mask > 0, 0.5 + torch.rand(B, T, generator=g), 1.0)  # 1 at padding, as TRL builds it
     return logits, ids, mask, adv, old, ref, ratio
 
 
@@ -150,7 +162,7 @@ def _run_ours(cfg, backend, logits, ids, mask, adv, old, ref, ratio, num_items):
     return out.loss.detach(), x.grad, {k: float(v) for k, v in out.metrics.items()}
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 def _cases():
@@ -206,6 +218,16 @@ def _cases():
             {"on_policy": True},
         ),  # fmt: skip
         ("grpo-rollout-ratio", dict(base), {"ratio": True}),
+        ("vespo-rollout-ratio-in-phi", dict(base, loss_type="vespo"), {"ratio": True}),
+        ("vespo-bias-kl-ga2", dict(base, loss_type="vespo", use_bias_correction_kl=True, gradient_accumulation_steps=2),
+         {"num_items": 31}),
+        (
+            "vespo-gamma-params-entropy",
+            dict(base, loss_type="vespo", vespo_k_pos=0.5, vespo_lambda_pos=1.7, vespo_k_neg=1.25,
+                 vespo_lambda_neg=0.6, entropy_coef=0.05),
+            {},
+        ),
+        ("vespo-on-policy", dict(base, loss_type="vespo"), {"on_policy": True}),
         (
             "dapo-seq-rollout-ratio",
             dict(base, loss_type="dapo", importance_sampling_level="sequence"),
