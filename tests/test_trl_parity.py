@@ -219,12 +219,22 @@ def _cases():
         ),  # fmt: skip
         ("grpo-rollout-ratio", dict(base), {"ratio": True}),
         ("vespo-rollout-ratio-in-phi", dict(base, loss_type="vespo"), {"ratio": True}),
-        ("vespo-bias-kl-ga2", dict(base, loss_type="vespo", use_bias_correction_kl=True, gradient_accumulation_steps=2),
-         {"num_items": 31}),
+        (
+            "vespo-bias-kl-ga2",
+            dict(base, loss_type="vespo", use_bias_correction_kl=True, gradient_accumulation_steps=2),
+            {"num_items": 31},
+        ),
         (
             "vespo-gamma-params-entropy",
-            dict(base, loss_type="vespo", vespo_k_pos=0.5, vespo_lambda_pos=1.7, vespo_k_neg=1.25,
-                 vespo_lambda_neg=0.6, entropy_coef=0.05),
+            dict(
+                base,
+                loss_type="vespo",
+                vespo_k_pos=0.5,
+                vespo_lambda_pos=1.7,
+                vespo_k_neg=1.25,
+                vespo_lambda_neg=0.6,
+                entropy_coef=0.05,
+            ),
             {},
         ),
         ("vespo-on-policy", dict(base, loss_type="vespo"), {"on_policy": True}),
