@@ -10,7 +10,7 @@ from grpo_fast import reference
 from grpo_fast.ops import linear_loss
 
 B, T, H, V = 3, 5, 16, 53
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 def _inputs(seed, dtype=torch.float64, bias=True, off_policy=True):
@@ -172,7 +172,7 @@ def test_linear_bad_inputs(kwargs, match):
 
 TRITON_CASES = [("grpo", "token", 0.0, 1.0), ("dapo", "sequence", 0.05, 0.7), ("sapo", "token", 0.05, 1.0),
                 ("cispo", "sequence", 0.0, 0.7), ("luspo", "token", 0.0, 1.0), ("dr_grpo", "sequence", 0.05, 1.0),
-                ("bnpo", "token", 0.0, 0.7)]  # fmt: skip
+                ("bnpo", "token", 0.0, 0.7), ("vespo", "sequence", 0.05, 0.7)]  # fmt: skip
 
 
 @pytest.mark.parametrize("loss_type,level,entropy_coef,temperature", TRITON_CASES)

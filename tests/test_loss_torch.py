@@ -23,7 +23,7 @@ from grpo_fast import reference as R
 from grpo_fast.ops import token_stats as ts_mod
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import grpo_fast as gf
 from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.triton]
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 
 
