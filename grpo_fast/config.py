@@ -16,7 +16,9 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Every knob of the GRPO objective. Defaults follow DeepSeekMath GRPO (arXiv 2402.03300).
+    """Every knob of the GRPO objective. Defaults are TRL 1.16's ``GRPOConfig``: loss_type "dapo", beta 0.0,
+    epsilon 0.2, epsilon_high None (= epsilon). DeepSeekMath's GRPO (arXiv 2402.03300) is
+    ``LossConfig(loss_type="grpo", beta=0.04)``, the defaults until 0.1.0 (see CHANGELOG.md).
 
     Attributes:
         loss_type: aggregation / policy-loss family, one of ``LOSS_TYPES`` (TRL ``loss_type``).
@@ -32,7 +34,8 @@ class LossConfig:
         epsilon_high: upper clip range, ratio <= 1 + epsilon_high; None = epsilon. DAPO: 0.28.
             For "cispo" it is the cap on the ratio itself (MiniMax-M1 recommends ~5.0).
         delta: optional upper bound on the unclipped ratio (INTELLECT-2 two-sided clip), > 1 + epsilon_high.
-        beta: weight of the KL penalty to the reference policy. DeepSeekMath 0.04, DeepSeek-R1 0.001.
+        beta: weight of the KL penalty to the reference policy; 0 (TRL) needs no reference log-probs.
+            DeepSeekMath 0.04, DeepSeek-R1 0.001.
         kl_estimator: "k3" (DeepSeekMath, unbiased, >= 0), "k1", "k2" or "low_var_kl" (verl's clamped k3).
         temperature: sampling temperature; log-probs are taken of softmax(logits / temperature).
         max_completion_length: the constant normaliser of "dr_grpo" (required for it).
@@ -51,12 +54,12 @@ class LossConfig:
             equal TRL's wherever TRL's are finite.
     """
 
-    loss_type: str = "grpo"
+    loss_type: str = "dapo"
     importance_sampling_level: str = "token"
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
-    beta: float = 0.04
+    beta: float = 0.0
     kl_estimator: str = "k3"
     temperature: float = 1.0
     max_completion_length: int | None = None

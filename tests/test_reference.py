@@ -90,7 +90,7 @@ def test_hand_grpo_token_level_clipped():
     l0 = -min(r0 * a, 1.2 * a)  # = -0.6
     l1 = -min(r1 * a, r1 * a)
     assert l0 == pytest.approx(-0.6)
-    loss, metrics, logp = _loss(LossConfig(beta=0.0), [a], [old0, old1])
+    loss, metrics, logp = _loss(LossConfig(loss_type="grpo", beta=0.0), [a], [old0, old1])
     _close(loss, (l0 + l1) / 2)
     _close(logp[0], [lp0, lp1], "logprob")
     _close(metrics["clip_ratio/high_mean"], 0.5, "metric")
@@ -108,12 +108,12 @@ def test_hand_negative_advantage_low_clip_and_delta():
     # PPO: -min(r A, clip(r) A); for A < 0 the larger ratio gives the smaller product.
     l0 = -min(r0 * a, 1.2 * a)  # = -r0 * a
     l1 = -min(r1 * a, 0.8 * a)  # = -0.8 * a
-    loss, metrics, _ = _loss(LossConfig(beta=0.0), [a], [old0, old1])
+    loss, metrics, _ = _loss(LossConfig(loss_type="grpo", beta=0.0), [a], [old0, old1])
     _close(loss, (l0 + l1) / 2)
     _close(metrics["clip_ratio/low_mean"], 0.5, "metric")
     _close(metrics["clip_ratio/high_mean"], 0.0, "metric")
     # INTELLECT-2 delta caps the unclipped ratio: r0 -> 1.3.
-    loss_d, _, _ = _loss(LossConfig(beta=0.0, delta=1.3), [a], [old0, old1])
+    loss_d, _, _ = _loss(LossConfig(loss_type="grpo", beta=0.0, delta=1.3), [a], [old0, old1])
     _close(loss_d, (-min(1.3 * a, 1.2 * a) + l1) / 2)
 
 
@@ -160,7 +160,7 @@ def test_hand_sequence_level_gspo():
     assert s > 1.2
     l = -min(s * a, 1.2 * a)
     loss, metrics, logp = _loss(
-        LossConfig(beta=0.0, importance_sampling_level="sequence"), [a], [old0, old1], mask=(1, 0)
+        LossConfig(loss_type="grpo", beta=0.0, importance_sampling_level="sequence"), [a], [old0, old1], mask=(1, 0)
     )
     _close(loss, l)
     _close(logp[0], [lp0, lp1], "logprob")
@@ -260,7 +260,7 @@ def test_hand_kl_estimators_and_entropy_bonus():
     a, beta, coef = 0.25, 0.1, 0.05
     h = (_hand_entropy(LOGITS[0]) + _hand_entropy(LOGITS[1])) / 2
     for est, values in kl.items():
-        cfg = LossConfig(beta=beta, kl_estimator=est, entropy_coef=coef)
+        cfg = LossConfig(loss_type="grpo", beta=beta, kl_estimator=est, entropy_coef=coef)
         loss, metrics, _ = _loss(cfg, [a], [lp0, lp1], ref=[ref0, ref1])
         per_token = [-a + beta * k for k in values]  # old == logp: ratio 1
         _close(loss, sum(per_token) / 2 - coef * h, f"loss: {est}")
@@ -285,7 +285,7 @@ def test_hand_bias_corrected_kl_and_rollout_ratio():
     k3 = [math.exp(x) - x - 1 for x in (0.3, -0.4)]
     rho = [0.5, 2.0]
     per_token = [rho[t] * -(r[t] * a) + beta * k3[t] * r[t] for t in range(2)]
-    cfg = LossConfig(beta=beta, use_bias_correction_kl=True)
+    cfg = LossConfig(loss_type="grpo", beta=beta, use_bias_correction_kl=True)
     ratio = torch.tensor([rho], dtype=F64)
     loss, metrics, _ = _loss(cfg, [a], [old0, old1], ref=[ref0, ref1], importance_ratio=ratio)
     _close(loss, sum(per_token) / 2)
@@ -396,7 +396,9 @@ def test_gradcheck_grpo_loss_defaults(loss_type):
     # temperature 1, no entropy bonus, no rollout ratio, (B, T) advantages.
     logits, ids, _, mask, old, ref, _ = _gradcheck_inputs(seed=3)
     adv = torch.randn(2, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
-    cfg = LossConfig(loss_type=loss_type, max_completion_length=3, epsilon_high=0.3 if loss_type == "cispo" else None)
+    cfg = LossConfig(
+        beta=0.04, loss_type=loss_type, max_completion_length=3, epsilon_high=0.3 if loss_type == "cispo" else None
+    )
     if loss_type == "cispo":
         assert bool((torch.exp(R.token_logprobs(logits, ids) - old) > 0.3).all())
     if loss_type == "vespo":
@@ -445,7 +447,7 @@ def test_logprobs_invariant_to_vocab_permutation():
     assert_close(R.token_logprobs(permuted, inv[ids]), R.token_logprobs(logits, ids), F64, "logprob")
     assert_close(R.token_entropy(permuted), R.token_entropy(logits), F64, "entropy")
     # The whole loss (and its gradient, permuted back) is invariant too.
-    cfg = LossConfig(beta=0.0, entropy_coef=0.1)
+    cfg = LossConfig(loss_type="grpo", beta=0.0, entropy_coef=0.1)
     adv = torch.randn(3, generator=g, dtype=F64)
     x1, x2 = logits.clone().requires_grad_(), permuted.clone().requires_grad_()
     l1 = R.grpo_loss(x1, ids, adv, config=cfg)[0]
@@ -471,7 +473,7 @@ def test_on_policy_ratio_is_one_but_gradient_flows():
     log_w = R.log_importance_weights(logp, logp.detach(), mask, "token", 20.0)
     assert bool((torch.exp(log_w) == 1).all())  # exactly 1, not approximately
     adv = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
-    loss, metrics = R.grpo_objective(logp, None, adv, mask, config=LossConfig(beta=0.0))
+    loss, metrics = R.grpo_objective(logp, None, adv, mask, config=LossConfig(loss_type="grpo", beta=0.0))
     assert metrics["clip_ratio/region_mean"] == 0
     _close(loss, -float(adv.mean()))
     loss.backward()
@@ -500,7 +502,7 @@ def test_aggregation_weights_match_aggregate(loss_type, num_items):
     mask = (torch.rand(4, 6, generator=g) > 0.4).to(F64)
     mask[2] = 0  # a fully masked row
     for ga, spg in ((1, None), (2, None), (2, 4)):
-        cfg = LossConfig(loss_type=loss_type, max_completion_length=7, gradient_accumulation_steps=ga)
+        cfg = LossConfig(beta=0.04, loss_type=loss_type, max_completion_length=7, gradient_accumulation_steps=ga)
         cfg = cfg.replace(steps_per_generation=spg)
         w = R.aggregation_weights(mask, cfg, num_items)
         assert_close((w * l).sum(), R.aggregate(l, mask, cfg, num_items), F64, f"loss: {loss_type} ga={ga}")
@@ -592,7 +594,7 @@ def test_reference_masked_outputs_are_zero():
     mask[0] = 0
     mask[1, 2:] = 0
     x = logits.clone().requires_grad_()
-    cfg = LossConfig(beta=0.04, entropy_coef=0.1)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=0.1)
     ref = R.token_logprobs(logits, ids) + 0.1
     loss, _, logp = R.grpo_loss(x, ids, torch.randn(3, generator=g, dtype=F64), mask, ref_logprobs=ref, config=cfg)
     loss.backward()

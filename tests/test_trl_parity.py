@@ -166,7 +166,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vesp
 
 
 def _cases():
-    base = dict(beta=0.04, temperature=0.7, max_completion_length=8)
+    base = dict(loss_type="grpo", beta=0.04, temperature=0.7, max_completion_length=8)
     cases = []
     for lt in LOSS_TYPES:
         for level in ("token", "sequence"):

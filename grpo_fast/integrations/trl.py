@@ -174,15 +174,19 @@ class FusedGRPOTrainer(GRPOTrainer):
             use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
             sapo_temperature_pos=float(self.args.sapo_temperature_pos),
             sapo_temperature_neg=float(self.args.sapo_temperature_neg),
-            vespo_k_pos=float(self.args.vespo_k_pos),
-            vespo_lambda_pos=float(self.args.vespo_lambda_pos),
-            vespo_k_neg=float(self.args.vespo_k_neg),
-            vespo_lambda_neg=float(self.args.vespo_lambda_neg),
+            **self._vespo_fields(),
             entropy_coef=entropy_coef,
             gradient_accumulation_steps=int(grad_accum) if train else 1,
             steps_per_generation=int(self.args.steps_per_generation) if train else 1,
             world_size=self.accelerator.num_processes,
         )
+
+    def _vespo_fields(self) -> dict:
+        """LossConfig's vespo_* fields from the GRPOConfig; TRL releases without vespo get LossConfig's defaults."""
+        defaults = {
+            f: getattr(LossConfig, f) for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+        }
+        return {name: float(getattr(self.args, name, default)) for name, default in defaults.items()}
 
     def _entropy_coef_now(self) -> float:
         """The entropy-bonus coefficient TRL applies in this step (0 when the bonus is off or gated off)."""
