@@ -107,6 +107,30 @@ def vespo_weights(
         return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """(B, T) 0/1 mask of the tokens whose entropy is in the top ``top_quantile`` share of the masked tokens
+    (Wang et al., arXiv 2506.01939; TRL's ``get_high_entropy_mask`` on one process): H >= the (1 - q)-quantile
+    of {H_t : m_t = 1} (linear interpolation, torch.quantile), within the mask; all 0 when no token counts."""
+    active = mask > 0
+    values = entropy[active].float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values, 1.0 - top_quantile).to(entropy.dtype)
+    return ((entropy * mask >= threshold) & active).to(mask.dtype)
+
+
+def off_policy_mask(
+    advantages: torch.Tensor, logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's ``get_off_policy_mask``), (B, 1) or A's (B, T) shape:
+    keep a sequence if A >= 0 or its mean KL estimate sum_t m (sampling - logp) / max(sum_t m, 1) <= threshold;
+    tokens the sampler did not score (NaN) count 0."""
+    kl = torch.nan_to_num(sampling_logp - logp.detach(), nan=0.0)
+    mean_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    return ((advantages >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
 def aggregate(
     per_token_loss: torch.Tensor,
     mask: torch.Tensor,

@@ -499,3 +499,23 @@ def test_import_refuses_a_trl_outside_the_supported_range(monkeypatch):
             integration.check_trl_version(version)
     for version in ("1.15.0", "1.16.0", "1.16.3"):
         integration.check_trl_version(version)
+
+
+def test_our_trainer_builds_the_drop_ins_loss_config(tiny, tmp_path):
+    """grpo_fast's own GRPOTrainer and the drop-in turn the same TRL options into the same LossConfig."""
+    from grpo_fast.trainer import GRPOConfig as OurConfig
+
+    tok, model, data, _ = tiny
+    options = dict(loss_type="vespo", epsilon=0.15, epsilon_high=0.3, vespo_k_pos=1.5, vespo_lambda_pos=2.5,
+                   vespo_k_neg=0.5, vespo_lambda_neg=4.0, sapo_temperature_pos=0.5, sapo_temperature_neg=3.0,
+                   use_bias_correction_kl=True, entropy_coef=0.02, importance_sampling_level="sequence",
+                   gradient_accumulation_steps=2, max_completion_length=8, temperature=0.7)  # fmt: skip
+    fused = FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=[length_reward], args=_args(tmp_path, **options),
+                             train_dataset=data, processing_class=tok)  # fmt: skip
+    fused.current_gradient_accumulation_steps = 2
+    theirs = fused._fused_loss_config("train", fused._entropy_coef_now())
+    ours = OurConfig(
+        output_dir=str(tmp_path), num_generations=B, per_device_train_batch_size=B, **options
+    ).loss_config()
+    assert ours == theirs
+    assert ours.replace(vespo_k_neg=0.6) != theirs  # the comparison sees every field
