@@ -326,3 +326,25 @@ def test_cispo_clip_ratio_metric(backend):
         F32,
         "metric",
     )
+
+
+def test_token_masks_match_trl():
+    """grpo_fast.objective's high-entropy and off-policy masks (our trainer's) equal TRL's on one process."""
+    from grpo_fast.objective import high_entropy_mask, off_policy_mask
+
+    accelerator = types.SimpleNamespace(pad_across_processes=lambda x, dim, pad_index: x, gather=lambda x: x)
+    trainer = types.SimpleNamespace(accelerator=accelerator)
+    logits, ids, mask, adv, old, _, _ = _inputs(3, 1.0)
+    logp, entropy = selective_log_softmax_and_entropy(logits, ids)
+    mask = mask.float()
+    for q in (0.2, 0.5, 0.9):
+        theirs = GRPOTrainer.get_high_entropy_mask(trainer, entropy, mask, 1.0 - q)
+        ours = high_entropy_mask(entropy, mask, q)
+        assert torch.equal(ours, theirs.float()), q
+        assert 0 < float(ours.sum()) < float(mask.sum())
+    for threshold in (-0.1, 0.0, 0.1):
+        theirs = GRPOTrainer.get_off_policy_mask(adv.unsqueeze(1), logp, old, mask, threshold)
+        ours = off_policy_mask(adv, logp, old, mask, threshold)
+        assert torch.equal(ours, theirs), threshold
+    assert float(off_policy_mask(adv, logp, old, mask, -1.0).sum()) == float((adv >= 0).sum())
+    assert torch.equal(high_entropy_mask(entropy, torch.zeros_like(mask), 0.5), torch.zeros_like(mask))
