@@ -455,3 +455,14 @@ def test_trl_loss_options_reach_the_loss_config():
         GRPOConfig(vespo_lambda_neg=0.0)
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         GRPOConfig(top_entropy_quantile=0.0)
+
+
+def test_trl_only_keys_are_not_our_fields():
+    """A key in trl_keys.TRL_ONLY_KEYS is refused as TRL's: none may be one of our GRPOConfig fields."""
+    import dataclasses
+
+    from grpo_fast.trainer.trl_keys import TRL_ONLY_KEYS
+
+    ours = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert not ours & TRL_ONLY_KEYS, sorted(ours & TRL_ONLY_KEYS)
+    assert {"top_entropy_quantile", "off_policy_mask_threshold", "vespo_k_pos", "cast_lm_head_to_fp32"} <= ours
