@@ -466,3 +466,12 @@ def test_trl_only_keys_are_not_our_fields():
     ours = {f.name for f in dataclasses.fields(GRPOConfig)}
     assert not ours & TRL_ONLY_KEYS, sorted(ours & TRL_ONLY_KEYS)
     assert {"top_entropy_quantile", "off_policy_mask_threshold", "vespo_k_pos", "cast_lm_head_to_fp32"} <= ours
+
+
+def test_train_help_lists_the_trl_loss_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for key in ("use_bias_correction_kl", "sapo_temperature_pos", "vespo_lambda_neg", "entropy_coef",
+                "top_entropy_quantile", "off_policy_mask_threshold", "cast_lm_head_to_fp32"):  # fmt: skip
+        assert f"--{key}" in text, key
