@@ -106,7 +106,7 @@ def grpo_loss(
         old_logprobs: (B, T) log-probs under the sampling policy; None = on-policy (ratio 1,
             gradient still flows).
         ref_logprobs: (B, T) reference-policy log-probs; required when config.beta > 0.
-        config: LossConfig (default: DeepSeekMath GRPO).
+        config: LossConfig (default: ``LossConfig()``, TRL 1.16's defaults: dapo, beta 0).
         importance_ratio: (B, T) or (B, 1) rollout correction rho, e.g. ``rollout_importance_ratio``.
         num_items_in_batch: dapo/cispo/vespo normaliser, tokens in the whole generation batch.
         policy_mask: (B, T) or (B, 1) factor of the per-token policy loss (TRL's off-policy and

@@ -1,7 +1,7 @@
 """The GRPO objective on (B, T) per-token quantities: every backend's loss ends here.
 
 From the per-token log-probs of the current policy (and its entropies), the sampling policy's and the
-reference model's, and the advantages: importance weights, the clipped (or cispo / sapo) surrogate, the
+reference model's, and the advantages: importance weights, the clipped (or cispo / sapo / vespo) surrogate, the
 KL penalty, the loss-type normaliser (one table, ``aggregation_weights``) and TRL's metrics. No
 vocabulary-sized work: how the log-probs are computed from logits or hidden states is the business of
 ``reference`` (plain PyTorch, the float64 spec), ``loss`` and ``linear`` (the fused paths).
