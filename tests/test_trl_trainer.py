@@ -350,6 +350,37 @@ def test_logit_scale_matches_trl(tiny, tmp_path):
     _parity(_tiny(tmp_path, logit_scale=0.5), tmp_path, "grpo-logit-scale", dict(KL), {})
 
 
+def _tiny_moe(directory):
+    """A tiny Qwen2-MoE (4 experts, top 2, a shared expert) over the toy vocabulary, as ``tiny`` returns it."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tok = toy.build_tokenizer()
+    config = Qwen2MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                            tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2MoeForCausalLM(config).save_pretrained(directory / "moe")
+    model = AutoModelForCausalLM.from_pretrained(directory / "moe")
+    return tok, model, toy.make_splits(num_train=16, num_dev=2, num_test=2)["train"], len(tok)
+
+
+@pytest.mark.parametrize(
+    "name,overrides,mode",
+    [
+        ("moe-grpo-config-coef", dict(KL), "train"),  # router_aux_loss_coef from the model config (0.02)
+        ("moe-dapo-ga2-coef", dict(loss_type="dapo", gradient_accumulation_steps=2, router_aux_loss_coef=0.5), "train"),
+        ("moe-vespo-eval", dict(loss_type="vespo", router_aux_loss_coef=0.5), "eval"),
+    ],
+)
+def test_moe_load_balancing_loss_matches_trl(tmp_path, name, overrides, mode):
+    # TRL adds router_aux_loss_coef * aux_loss / GA (train) and logs aux_loss; the fused loss must too.
+    (_, grads, metrics), _ = _parity(_tiny_moe(tmp_path), tmp_path, name, overrides, {}, mode=mode)
+    assert metrics["aux_loss"] > 0
+    assert any(".mlp.gate." in param for param in grads)  # the router is trained (by the aux loss)
+
+
 def test_bf16_autocast_close_to_trl(tiny, tmp_path):
     # bf16 mixed precision (GRPOConfig's default; CPU autocast here): the head GEMMs run in the autocast dtype, as
     # TRL's do. The loss agrees; gradients agree to bf16 rounding propagated through the backbone (~1% of the

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import sys
 import types
 
 from packaging.version import Version
@@ -129,10 +130,11 @@ class FusedGRPOTrainer(GRPOTrainer):
         text_config = self.model.config.get_text_config()
         self._fused_logit_scale = _logit_scale(text_config)
         self._fused_softcap = getattr(text_config, "final_logit_softcapping", None)
-        self._check_fused_support()
         # TRL patched this model's forward with its fused LM head; ours wraps that one (PEFT: the base model,
         # whose forward the adapter calls).
-        _add_head_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        self._fused_causal_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._check_fused_support()
+        _add_head_forward(self._fused_causal_lm)
 
     # ------------------------------------------------------------------ options
 
@@ -141,8 +143,11 @@ class FusedGRPOTrainer(GRPOTrainer):
         problems = []
         if self.loss_type not in LOSS_TYPES:
             problems.append(f"loss_type={self.loss_type!r} (supported: {', '.join(LOSS_TYPES)})")
-        if self.aux_loss_enabled:
-            problems.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (the MoE load-balancing loss)")
+        if self.aux_loss_enabled and _router_aux_loss_parts(self._fused_causal_lm) is None:
+            problems.append(
+                f"router_aux_loss_coef={self.router_aux_loss_coef} on {type(self._fused_causal_lm).__name__}, whose "
+                "modeling module has no load_balancing_loss_func (or no num_experts / num_experts_per_tok)"
+            )
         if self._fused_softcap is not None:
             problems.append(f"final_logit_softcapping={self._fused_softcap} in the model config")
         if self._is_vlm:
@@ -211,11 +216,15 @@ class FusedGRPOTrainer(GRPOTrainer):
         entropy_coef = self._entropy_coef_now()
         config = self._fused_loss_config(mode, entropy_coef)
         head = functools.partial(self._head_loss, inputs=inputs, mask=mask, config=config)
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
-            loss, logprobs, mean_entropy, bonus_stats = model(
-                input_ids=input_ids, attention_mask=attention_mask, **{_HEAD_KWARG: head}
+            (loss, logprobs, mean_entropy, bonus_stats), aux_loss = model(
+                input_ids=input_ids, attention_mask=attention_mask, **router, **{_HEAD_KWARG: head}
             )
         self._log_fused_metrics(mode, inputs, mask, config, loss.detach(), logprobs, mean_entropy, bonus_stats)
+        if aux_loss is not None:  # TRL: + coef * aux / GA (train), logged as aux_loss
+            loss = loss + self.router_aux_loss_coef * aux_loss / config.gradient_accumulation_steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         return loss
 
     def _head_loss(self, hidden, weight, bias, *, inputs, mask, config: LossConfig):
@@ -406,12 +415,25 @@ def _logit_scale(text_config) -> float:
     return float(scaling) if text_config.model_type == "hyperclovax" else 1.0 / float(scaling)
 
 
+def _router_aux_loss_parts(model):
+    """(load_balancing_loss_func, num_experts, num_experts_per_tok) of a transformers MoE causal LM (Mixtral,
+    Qwen2-MoE, ...: its forward adds ``load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)``
+    as ``aux_loss``), or None when the model does not have them."""
+    balance = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    num_experts = getattr(model, "num_experts", None)
+    top_k = getattr(model, "num_experts_per_tok", None)
+    if balance is None or num_experts is None or top_k is None:
+        return None
+    return balance, num_experts, top_k
+
+
 def _add_head_forward(model) -> None:
     """Make ``model(..., grpo_fast_head=fn)`` run the backbone and return ``fn(last_hidden_state, weight, bias)``.
 
     The loss then runs inside the model's forward: DDP, FSDP (the head's DTensor weight is gathered) and
     DeepSpeed ZeRO-3 (``maybe_gather_lm_head_ctx``) see one forward, as with TRL's fused head. Any other
     call goes to the previous forward (TRL's), so generation and TRL's log-prob passes are unchanged.
+    Returns (fn's result, the MoE load-balancing loss when called with output_router_logits=True, else None).
     """
     previous_forward = model.forward
 
@@ -423,13 +445,18 @@ def _add_head_forward(model) -> None:
         for key in ("labels", "shift_labels", "num_items_in_batch"):  # PEFT passes labels=None along
             kwargs.pop(key, None)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, P + T, H)
+        outputs = self.base_model(*args, **kwargs)
+        hidden = outputs.last_hidden_state  # (B, P + T, H)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):  # as the model's own forward computes its aux_loss
+            balance, num_experts, top_k = _router_aux_loss_parts(self)
+            aux_loss = balance(outputs.router_logits, num_experts, top_k, kwargs.get("attention_mask"))
         lm_head = self.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         with maybe_gather_lm_head_ctx(weight, bias):
             if isinstance(weight, DTensor):
                 weight = weight.full_tensor()
                 bias = None if bias is None else bias.full_tensor()
-            return head_loss(hidden.to(weight.device), weight, bias)
+            return head_loss(hidden.to(weight.device), weight, bias), aux_loss
 
     model.forward = types.MethodType(forward, model)
