@@ -33,10 +33,16 @@ metrics against ``trl.GRPOTrainer.compute_loss`` on the same model and batch):
 - tool_mask: multiplies the completion mask, as in TRL. PEFT models (an adapter on the backbone), logit
   scales (``logit_scale`` and the like), cast_lm_head_to_fp32 and autocast behave as in TRL's fused head.
 
+- a MoE model's router load-balancing loss (router_aux_loss_coef, the model's output_router_logits): the
+  backbone returns its router logits, the model's own ``load_balancing_loss_func`` turns them into the
+  aux_loss its forward would return, and ``router_aux_loss_coef * aux_loss / GA`` is added, as TRL adds it
+  (TRL's own fused head drops it, trl#7009); metric aux_loss.
+
 Refused with a ValueError at construction (and again if changed later), because the result would differ
-from TRL's: a MoE load-balancing loss (router_aux_loss_coef), final_logit_softcapping, vision-language
-models, and values LossConfig rejects that TRL accepts (delta <= 1 + epsilon_high, a vespo lambda <= 0,
-which TRL clamps to 1e-4 without a word). Options of LossConfig that TRL lacks (other KL estimators) are
+from TRL's: final_logit_softcapping (the fused kernels do not soft-cap), vision-language models, MoE
+models whose modeling module has no ``load_balancing_loss_func`` (or no num_experts / num_experts_per_tok),
+and values LossConfig rejects that TRL accepts (delta <= 1 + epsilon_high, a vespo lambda <= 0, which TRL
+clamps to 1e-4 without a word). Options of LossConfig that TRL lacks (other KL estimators) are
 simply not reachable from a GRPOConfig.
 
 Numerics: the log importance weight is clamped to +-20 before exp (grpo_fast's ``log_ratio_clamp``),
