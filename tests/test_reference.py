@@ -247,6 +247,26 @@ def test_hand_vespo_masked_token_clamps_and_custom_gamma():
         assert torch.isfinite(loss) and float(metrics["vespo/phi_seq_mean"]) == pytest.approx(expected, abs=1e-12)
 
 
+def test_hand_policy_mask_and_entropy_mask():
+    # policy_mask multiplies the policy term only (not KL, not the normaliser); entropy_mask picks the tokens the
+    # bonus averages over (TRL's high-entropy mask), while the entropy metric stays the mean over the mask.
+    lp0, lp1 = _hand_logp(LOGITS[0], 1), _hand_logp(LOGITS[1], 2)
+    ref0, ref1 = lp0 - 0.3, lp1 + 0.2
+    k3 = [math.exp(x) - x - 1 for x in (-0.3, 0.2)]
+    h0, h1 = _hand_entropy(LOGITS[0]), _hand_entropy(LOGITS[1])
+    a, beta, coef = 0.25, 0.1, 0.05
+    cfg = LossConfig(loss_type="grpo", beta=beta, entropy_coef=coef)
+    keep, bonus = torch.tensor([[0.0, 1.0]], dtype=F64), torch.tensor([[1.0, 0.0]], dtype=F64)
+    loss, metrics, _ = _loss(cfg, [a], [lp0, lp1], ref=[ref0, ref1], policy_mask=keep, entropy_mask=bonus)
+    per_token = [0.0 + beta * k3[0], -a + beta * k3[1]]  # on-policy: ratio 1, token 0's policy term dropped
+    _close(loss, sum(per_token) / 2 - coef * h0)
+    _close(metrics["entropy"], (h0 + h1) / 2, "metric")
+    # a (B, 1) sequence mask of 0 leaves only the KL term; an empty entropy mask gives no bonus
+    loss, _, _ = _loss(cfg, [a], [lp0, lp1], ref=[ref0, ref1], policy_mask=torch.zeros(1, 1, dtype=F64),
+                       entropy_mask=torch.zeros(1, 2, dtype=F64))  # fmt: skip
+    _close(loss, beta * (k3[0] + k3[1]) / 2)
+
+
 def test_hand_kl_estimators_and_entropy_bonus():
     lp0, lp1 = _hand_logp(LOGITS[0], 1), _hand_logp(LOGITS[1], 2)
     ref0, ref1 = lp0 - 0.3, lp1 + 0.2

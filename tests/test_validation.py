@@ -177,6 +177,12 @@ BAD_INPUTS = [
         "gradient_accumulation_steps",
     ),
     ("sapo_temperature_neg 0", config(sapo_temperature_neg=0.0), VE, "sapo_temperature_neg"),
+    ("vespo_lambda_pos 0", config(vespo_lambda_pos=0.0), VE, "vespo_lambda_pos"),
+    ("vespo_k_neg negative", config(vespo_k_neg=-1.0), VE, "vespo_k_neg"),
+    ("vespo_k_pos inf", config(vespo_k_pos=float("inf")), VE, "vespo_k_pos"),
+    ("policy_mask wrong shape", loss(policy_mask=torch.ones(B, 2)), VE, "policy_mask"),
+    ("policy_mask int dtype", loss(policy_mask=torch.ones(B, T, dtype=torch.long)), TE, "policy_mask"),
+    ("entropy_mask per sequence", loss(entropy_mask=torch.ones(B, 1)), VE, "entropy_mask"),
     # --- token_logprobs
     ("token_logprobs temperature 0", logprobs(temperature=0.0), VE, "temperature"),
     ("token_logprobs temperature negative", logprobs(temperature=-1.0), VE, "temperature"),
