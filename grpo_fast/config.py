@@ -47,8 +47,8 @@ class LossConfig:
         entropy_coef: entropy bonus, loss -= entropy_coef * (masked mean entropy) / GA.
         gradient_accumulation_steps: TRL's GA divisor of every loss type.
         steps_per_generation: TRL's ``steps_per_generation`` (None = gradient_accumulation_steps); only
-            the dapo/cispo normaliser uses it.
-        world_size: number of processes sharing ``num_items_in_batch`` (dapo/cispo normaliser).
+            the dapo/cispo/vespo normaliser uses it.
+        world_size: number of processes sharing ``num_items_in_batch`` (dapo/cispo/vespo normaliser).
         log_ratio_clamp: |logp - old| is clamped to this before exp() so a stale ratio can never
             overflow to inf/NaN (verl clamps at 20). 20 nats is far beyond any clip range, so results
             equal TRL's wherever TRL's are finite.

@@ -68,19 +68,19 @@ class PolicyUpdate:
     def optimizer_step(self, batch: Batch, old_logprobs, ref_logprobs, importance_ratio=None) -> dict[str, float]:
         """Gradient accumulation over micro-batches, clipping, one AdamW step and one scheduler step.
 
-        Normalisers are those of the whole generation batch, over every rank: dapo/cispo divide by its
+        Normalisers are those of the whole generation batch, over every rank: dapo/cispo/vespo divide by its
         number of loss tokens (num_items_in_batch); grpo, sapo, luspo and dr_grpo by its number of
         sequences (the loss function divides a micro-batch by its own rows * GA, so the loss is rescaled
         by world_size * rows * GA / all rows: exactly 1 for equal, full micro-batches); bnpo keeps TRL's
         per-micro-batch token mean. DDP/FSDP average gradients over the ranks, hence the factor
-        world_size (for dapo/cispo via LossConfig.world_size): the averaged gradient is the gradient of the
+        world_size (for dapo/cispo/vespo via LossConfig.world_size): the averaged gradient is the gradient of the
         1-process loss. Every rank runs as many forward/backward passes as the rank with the most
         micro-batches (zero-loss passes where it has none left), so the gradient all-reduces pair up.
         """
         cfg, d = self.config, self.dist
         mask = self.loss_mask(batch.rollout)  # (B, T)
         counts = d.all_reduce(torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64))
-        num_items = max(float(counts[0]), 1.0)  # loss tokens in the global generation batch (dapo/cispo)
+        num_items = max(float(counts[0]), 1.0)  # loss tokens in the global generation batch (dapo/cispo/vespo)
         all_rows = float(counts[1])
         self.optimizer.zero_grad(set_to_none=True)
         shared = self.shared_prompts(batch)
@@ -232,7 +232,7 @@ class PolicyUpdate:
         """Factor on a micro-batch's loss so that the rank-averaged gradient is the global one (see above)."""
         if self.config.loss_type in PER_SEQUENCE_NORMALISED:
             return self.dist.world_size * rows * self.config.gradient_accumulation_steps / all_rows
-        return 1.0  # dapo/cispo: LossConfig.world_size; bnpo: per-micro-batch mean (TRL)
+        return 1.0  # dapo/cispo/vespo: LossConfig.world_size; bnpo: per-micro-batch mean (TRL)
 
     def _per_sequence_metric(self, name: str) -> bool:
         """Metrics that are means over sequences (sequence-level clip fractions), not over tokens."""
