@@ -19,7 +19,7 @@ from grpo_fast import LossConfig
 from grpo_fast import reference as R
 
 F32, BF16 = torch.float32, torch.bfloat16
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 PPO = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 

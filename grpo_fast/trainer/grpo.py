@@ -131,7 +131,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         self._prompt_tokens = self._check_prompts()  # token count of each training prompt
         self._truncated_prompts = 0  # prompts of this step cut to max_prompt_length
         self.use_bf16 = use_bf16(config.bf16, self.device)
-        # dapo/cispo divide by num_items_in_batch / world_size: see optimizer_step for the other types
+        # dapo/cispo/vespo divide by num_items_in_batch / world_size: see optimizer_step for the other types
         self.loss_config = config.loss_config().replace(world_size=self.dist.world_size)
         self.ref_model = frozen_copy(model) if config.beta > 0 and not self.is_peft else None
         if config.gradient_checkpointing:
