@@ -646,8 +646,8 @@ def _bad_data(tmp_path, kind: str) -> Path:
              "no_prompt_jsonl": "d.jsonl", "no_prompt_csv": "d.csv"}  # fmt: skip
     path = tmp_path / names[kind]
     content = {"empty": "", "not_json": "this is { not json\n", "not_parquet": "PAR? no\n",
-               "no_prompt_jsonl": '{"question": "1+2=", "answer": "3"}\n',
-               "no_prompt_csv": "question,answer\n1+2=,3\n"}  # fmt: skip
+               "no_prompt_jsonl": '{"query": "1+2=", "answer": "3"}\n',
+               "no_prompt_csv": "query,answer\n1+2=,3\n"}  # fmt: skip
     if kind in content:
         path.write_text(content[kind])
     return path
