@@ -198,3 +198,37 @@ def test_real_path_offline_train_then_eval_pass_at_k(tmp_path, capsys, caplog, g
     text = prompt_text(tokenizer, train[0]["prompt"])
     assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nTom has 0 apples")
     assert text.endswith("<|im_start|>assistant\n") and len(held_out) == 4 and "#### " in train[0]["answer"]
+
+
+# ----------------------------------------------------------------------------- recipes
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+SWAPPED = {"model_name_or_path", "dataset_name", "dataset_config", "max_prompt_length", "max_completion_length",
+           "eval_max_new_tokens", "output_dir", "bf16", "max_steps", "report_to", "device"}  # fmt: skip
+
+
+def test_the_three_recipes_are_there():
+    assert [p.name for p in RECIPES] == ["gsm8k_qwen2.5-0.5b.yaml", "gsm8k_qwen3-0.6b.yaml", "math_qwen2.5-1.5b.yaml"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_loads_validates_and_runs_two_steps_on_the_tiny_model(tmp_path, capsys, gsm8k_disk, tiny_qwen, recipe):
+    text = recipe.read_text()
+    assert "PROJECTIONS, not measurements" in text and "Peak memory ~" in text and "Step time ~" in text
+    config, run = load_train_config(str(recipe), [])  # as written: every key known and valid
+    assert config.bf16 and run.dataset_name and run.system_prompt and "accuracy" in run.reward_funcs
+    if run.prompt_column == "problem":  # MATH's shape: problem, solution with the answer in \boxed{}
+        data = tmp_path / "math"
+        rows = [{"problem": f"What is ${a} + \\frac{{1}}{{2}}$?", "solution": f"It is $\\boxed{{{a}.5}}$."}
+                for a in range(8)]  # fmt: skip
+        DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:4])}).save_to_disk(str(data))
+    else:
+        data = gsm8k_disk
+    swap = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(data), "dataset_config": "none",
+            "max_prompt_length": "256", "max_completion_length": "8", "eval_max_new_tokens": "8",
+            "output_dir": str(tmp_path / "run"), "bf16": "false", "max_steps": "2", "report_to": "none",
+            "device": "cpu"}  # fmt: skip
+    assert set(swap) == SWAPPED
+    assert main(["train", "--config", str(recipe), *[f"--{k}={v}" for k, v in swap.items()]]) == 0
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2]
