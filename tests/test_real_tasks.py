@@ -3,10 +3,13 @@ failure), column mapping, system prompts and chat templates, ``grpo-fast tiny-mo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +235,56 @@ def test_recipe_loads_validates_and_runs_two_steps_on_the_tiny_model(tmp_path, c
     assert main(["train", "--config", str(recipe), *[f"--{k}={v}" for k, v in swap.items()]]) == 0
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- docs/real_tasks.md
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "real_tasks.md"
+
+
+def page_blocks(kind: str) -> list[str]:
+    return re.findall(rf"```{kind}\n(.*?)```", PAGE.read_text(), flags=re.S)
+
+
+@pytest.mark.slow
+def test_real_tasks_page_commands_run_as_written(tmp_path):
+    blocks = page_blocks("bash")
+    assert len(blocks) == 1 and "grpo-fast tiny-model" in blocks[0] and "save_to_disk" in blocks[0]
+    (tmp_path / "examples").symlink_to(ROOT / "examples")  # the page runs from a checkout
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", blocks[0]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run = tmp_path / "runs" / "tiny-gsm8k"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert {"checkpoint-2", "checkpoint-4"} <= {p.name for p in run.iterdir()}
+    evaluated = json.loads(result.stdout[result.stdout.rindex("{\n") :])  # the eval command's JSON, printed last
+    assert evaluated["prompts"] == 4 and "rewards/accuracy_reward/pass@4" in evaluated
+
+
+def test_real_tasks_page_names_only_commands_and_keys_that_exist():
+    from grpo_fast.cli import _parser
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    section = pyproject[pyproject.index("[project.optional-dependencies]") :].split("\n[", 1)[0]
+    extras = set(re.findall(r"^(\w+) = \[", section, flags=re.M))
+    assert {"math", "dev"} <= extras
+    commands = [line.split("#")[0].strip() for block in page_blocks("shell") for line in block.splitlines()]
+    assert len(commands) == 5
+    for command in commands:
+        words = shlex.split(command)
+        if words[:2] == ["grpo-fast", "train"]:  # its config and keys load and validate
+            assert words[2] == "--config"
+            load_train_config(str(ROOT / words[3]), words[4:])
+        elif words[0] == "grpo-fast":
+            _parser().parse_args(words[1:])
+        elif words[:2] == ["hf", "download"]:
+            hf = Path(sys.executable).parent / "hf"
+            assert subprocess.run([str(hf), "download", "--help"], capture_output=True, timeout=120).returncode == 0
+        else:
+            assert words[:2] == ["pip", "install"], command
+            assert re.fullmatch(r"grpo-fast\[(\w+)\]", words[2]).group(1) in extras
+    keys = set(re.findall(r"^\| `(\w+)` \|", PAGE.read_text(), flags=re.M)) - {"accuracy", "format"}
+    assert len(keys) == 8 and keys <= set(dataclasses.asdict(RunArguments()))
+    assert "(docs/real_tasks.md)" in (ROOT / "README.md").read_text()
