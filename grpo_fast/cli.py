@@ -103,9 +103,22 @@ class RunArguments:
                    "left out when dataset_name is given (one of them names the data)"),
                   ("dataset_test_split", self.dataset_test_split is None or self.eval_dataset is None,
                    "left out when eval_dataset is given (one of them names the eval set)"))  # fmt: skip
+        checks += self._data_key_checks()
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def _data_key_checks(self) -> tuple:
+        """The data keys that only mean something with dataset_name, or with data other than the toy task."""
+        named = self.dataset_name is not None
+        toy = self.dataset == "toy" and not named
+        default = RunArguments.__dataclass_fields__
+        checks = [(k, named or getattr(self, k) == default[k].default, "left out without dataset_name")
+                  for k in ("dataset_config", "dataset_train_split", "dataset_test_split")]  # fmt: skip
+        checks += [(k, not toy or getattr(self, k) == default[k].default,
+                    "left out for the toy task (it applies to dataset_name or a dataset file)")
+                   for k in ("prompt_column", "answer_column", "system_prompt", "apply_chat_template")]  # fmt: skip
+        return tuple(checks)
 
     def peft_config(self):
         """The ``peft.LoraConfig`` of these arguments, or None without ``use_peft``."""

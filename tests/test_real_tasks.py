@@ -130,6 +130,15 @@ def test_run_keys_are_checked(tmp_path):
         load_train_config(None, ["--dataset", "a.jsonl", "--dataset_name", "b"])
     with pytest.raises(ConfigError, match="dataset_test_split must be left out when eval_dataset is given"):
         load_train_config(None, ["--dataset_name", "b", "--eval_dataset", "e.jsonl", "--dataset_test_split", "test"])
+    with pytest.raises(ConfigError, match="dataset_config must be left out without dataset_name"):
+        load_train_config(None, ["--dataset", "a.jsonl", "--dataset_config", "main"])
+    for key, value in (("system_prompt", "s"), ("prompt_column", "q"), ("apply_chat_template", "true")):
+        with pytest.raises(ConfigError, match=f"{key} must be left out for the toy task"):
+            load_train_config(None, [f"--{key}", value])
+    assert load_train_config(None, ["--dataset", "a.jsonl", "--system_prompt", "s"])[1].system_prompt == "s"
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p"}\n')
+    with pytest.raises(ConfigError, match="dataset_config 'main' applies to Hub datasets; .* is a local file"):
+        load_named_dataset(str(tmp_path / "d.jsonl"), "main")
 
 
 # ----------------------------------------------------------------------------- tiny-model

@@ -222,6 +222,20 @@ def test_accuracy_says_once_which_matcher_it_uses(caplog, monkeypatch, installed
 
 
 @needs_math_verify
+def test_two_plain_numbers_are_compared_without_parsing(monkeypatch):
+    """GSM8K's and the toy task's answers are plain numbers: math-verify's parse (ms each) is not called."""
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr("math_verify.parse", no_parse)
+    assert not math_verify_match("1,258", "#### 1259") and not math_verify_match("-3.5", "3.5")
+    assert math_verify_match("$1,258", "#### 1258")
+    with pytest.raises(AssertionError, match="parsed"):
+        math_verify_match("\\frac{1}{2}", "0.5")
+
+
+@needs_math_verify
 def test_math_verify_works_in_the_reward_timeout_thread():
     """With reward_timeout the reward runs in a worker thread, where math-verify's SIGALRM limits cannot be set."""
     completions = ["\\boxed{\\sqrt{8}}", "\\boxed{3}", "<answer>x = 2</answer>"]

@@ -55,6 +55,9 @@ def load_named_dataset(name: str, config: str | None = None, train_split: str = 
         directory not saved by ``save_to_disk``, a split the dataset does not have.
     """
     local = Path(expand_path(name, "dataset_name"))
+    if config is not None and local.exists():
+        raise ConfigError(f"dataset_config {config!r} applies to Hub datasets; {name} is a local "
+                          f"{'directory' if local.is_dir() else 'file'}: leave dataset_config out")  # fmt: skip
     if local.suffix.lower() in DATA_FORMATS and not local.is_dir():
         if test_split is not None or train_split != "train":
             raise ConfigError(f"dataset_name {name} is a data file, which has one split: leave dataset_train_split "
