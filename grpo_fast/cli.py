@@ -468,8 +468,8 @@ def _plot(args, rest) -> int:
 def _tiny_model(args, rest) -> int:
     from .trainer.tiny_model import save_tiny_model
 
-    if Path(args.dir).exists() and any(Path(args.dir).iterdir()):
-        raise configio.ConfigError(f"{args.dir} exists and is not empty; give a new directory")
+    if Path(args.dir).exists() and (not Path(args.dir).is_dir() or any(Path(args.dir).iterdir())):
+        raise configio.ConfigError(f"{args.dir} exists and is not an empty directory; give a new directory")
     path = save_tiny_model(args.dir, args.chat_template, seed=args.seed)
     print(json.dumps({"model": str(path), "chat_template": args.chat_template}))
     return 0

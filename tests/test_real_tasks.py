@@ -53,7 +53,7 @@ def tiny_qwen(tmp_path_factory) -> Path:
 
 
 # ----------------------------------------------------------------------------- datasets
-def test_dataset_name_reads_a_save_to_disk_directory_and_its_splits(gsm8k_disk, tmp_path):
+def test_dataset_name_reads_a_save_to_disk_directory_and_its_splits(gsm8k_disk, tmp_path, monkeypatch):
     train, test = load_named_dataset(str(gsm8k_disk))
     assert (len(train), len(test)) == (8, 4) and train.column_names == ["question", "answer"]
     train, none = load_named_dataset(str(gsm8k_disk), train_split="test", test_split="train")
@@ -66,6 +66,11 @@ def test_dataset_name_reads_a_save_to_disk_directory_and_its_splits(gsm8k_disk, 
     (tmp_path / "plain").mkdir()
     with pytest.raises(ConfigError, match="not a dataset saved with save_to_disk"):
         load_named_dataset(str(tmp_path / "plain"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for typo in (str(tmp_path / "gsm8k-tiny"), "data/gsm8k", "gsm8k"):  # never looked up on the Hub
+        with pytest.raises(FileNotFoundError, match=f"dataset_name {typo} does not exist here"):
+            load_named_dataset(typo)
 
 
 def test_dataset_name_reads_data_files(tmp_path):
@@ -161,7 +166,7 @@ def test_tiny_model_loads_with_the_auto_classes(tmp_path, capsys, template, fami
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert prompt.endswith({"qwen": "<|im_start|>assistant\n", "llama": "assistant<|end_header_id|>\n\n"}[template])
     assert main(["tiny-model", str(tmp_path / "m")]) == 2  # not over a model already there
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "exists and is not an empty directory" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the real path

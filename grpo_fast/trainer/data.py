@@ -5,11 +5,13 @@ a ``save_to_disk`` directory or a file) and the column mapping and chat prompts 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from .configio import ConfigError, expand_path
 
 logger = logging.getLogger(__name__)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as on the Hugging Face Hub
 DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -63,6 +65,9 @@ def load_named_dataset(name: str, config: str | None = None, train_split: str = 
             raise ConfigError(f"dataset_name {name} is a data file, which has one split: leave dataset_train_split "
                               "and dataset_test_split out (eval_dataset takes a second file)")  # fmt: skip
         return load_data_file(str(local)), None
+    if not local.is_dir() and (not _HUB_ID.match(name) or Path(name.split("/")[0]).is_dir()):
+        raise FileNotFoundError(f"dataset_name {name} does not exist here, and is no Hub id (org/name) whose org is "
+                                "not a local directory; check the path")  # fmt: skip
     splits = _load_from_disk(local) if local.is_dir() else _load_from_hub(name, config)
     if not hasattr(splits, "keys"):  # a Dataset saved alone: its rows are the train split
         splits = {"train": splits}
