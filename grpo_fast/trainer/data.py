@@ -66,8 +66,8 @@ def load_named_dataset(name: str, config: str | None = None, train_split: str = 
                               "and dataset_test_split out (eval_dataset takes a second file)")  # fmt: skip
         return load_data_file(str(local)), None
     if not local.is_dir() and (not _HUB_ID.match(name) or Path(name.split("/")[0]).is_dir()):
-        raise FileNotFoundError(f"dataset_name {name} does not exist here, and is no Hub id (org/name) whose org is "
-                                "not a local directory; check the path")  # fmt: skip
+        raise FileNotFoundError(f"dataset_name {name} does not exist here and is no Hub id (org/name, org not a local "
+                                "directory); check the path")  # fmt: skip
     splits = _load_from_disk(local) if local.is_dir() else _load_from_hub(name, config)
     if not hasattr(splits, "keys"):  # a Dataset saved alone: its rows are the train split
         splits = {"train": splits}
