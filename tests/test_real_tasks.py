@@ -56,6 +56,9 @@ def tiny_qwen(tmp_path_factory) -> Path:
 def test_dataset_name_reads_a_save_to_disk_directory_and_its_splits(gsm8k_disk, tmp_path, monkeypatch):
     train, test = load_named_dataset(str(gsm8k_disk))
     assert (len(train), len(test)) == (8, 4) and train.column_names == ["question", "answer"]
+    saved = sorted(p.name for p in gsm8k_disk.rglob("*"))
+    prepare_prompts(train, "d", apply_chat_template=True, system_prompt="s")
+    assert sorted(p.name for p in gsm8k_disk.rglob("*")) == saved  # preparing writes no cache file into it
     train, none = load_named_dataset(str(gsm8k_disk), train_split="test", test_split="train")
     assert (len(train), len(none)) == (4, 8)
     with pytest.raises(ConfigError, match=r"dataset_test_split 'validation': dataset .* has the splits train, test"):
@@ -123,6 +126,8 @@ def test_system_prompt_and_chat_template():
         prepare_prompts(chat, "d", chat_template=False)
     with pytest.raises(ConfigError, match="'question' is to go through the chat template.*no chat template"):
         prepare_prompts(plain, "d", prompt_column="question", apply_chat_template=True, chat_template=False)
+    with pytest.raises(ConfigError, match="d has no rows"):
+        prepare_prompts(plain.select([]), "d")
     twice = Dataset.from_list([{"prompt": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}])
     with pytest.raises(ConfigError, match="d row 0 already starts with a system message"):
         prepare_prompts(twice, "d", system_prompt="s")

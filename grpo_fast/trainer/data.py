@@ -120,6 +120,8 @@ def prepare_prompts(dataset, name: str, *, prompt_column: str = "prompt", answer
         ConfigError (one line, naming ``name`` and the column): a missing column, a system prompt for plain
         prompts, chat prompts and no chat template, a row that already has a system message.
     """
+    if len(dataset) == 0:
+        raise ConfigError(f"{name} has no rows")
     dataset = _rename(dataset, name, _prompt_source(dataset, name, prompt_column), "prompt")
     if answer_column != "answer" or "answer" in dataset.column_names:
         dataset = _rename(dataset, name, answer_column, "answer")
@@ -133,9 +135,9 @@ def prepare_prompts(dataset, name: str, *, prompt_column: str = "prompt", answer
         raise ConfigError(f"{name}: system_prompt needs chat prompts, and column {prompt_column!r} holds plain text; "
                           "set apply_chat_template: true (with a tokenizer that has a chat template) or leave it "
                           "out")  # fmt: skip
-    if chat or apply_chat_template:
+    if chat or apply_chat_template:  # in memory: no cache file is written next to a saved dataset
         dataset = dataset.map(lambda row, i: {"prompt": _messages(row["prompt"], system_prompt, f"{name} row {i}")},
-                              with_indices=True)  # fmt: skip
+                              with_indices=True, keep_in_memory=True)  # fmt: skip
     return dataset
 
 
