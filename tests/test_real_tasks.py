@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -299,8 +300,8 @@ def test_real_tasks_page_names_only_commands_and_keys_that_exist():
         elif words[0] == "grpo-fast":
             _parser().parse_args(words[1:])
         elif words[:2] == ["hf", "download"]:
-            hf = Path(sys.executable).parent / "hf"
-            assert subprocess.run([str(hf), "download", "--help"], capture_output=True, timeout=120).returncode == 0
+            hf = shutil.which("hf", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+            assert hf and subprocess.run([hf, "download", "--help"], capture_output=True, timeout=120).returncode == 0
         else:
             assert words[:2] == ["pip", "install"], command
             assert re.fullmatch(r"grpo-fast\[(\w+)\]", words[2]).group(1) in extras
