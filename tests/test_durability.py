@@ -548,7 +548,9 @@ def test_prompt_the_tokenizer_cannot_encode_is_refused_at_construction(tmp_path,
 
 def test_chat_prompt_without_a_chat_template_is_refused_at_construction(tmp_path, rows):
     data = [{"prompt": [{"role": "user", "content": "1+2="}]}]
-    with pytest.raises(ValueError, match=r"train_dataset row 0: the tokenizer cannot encode the prompt"):
+    with pytest.raises(ValueError, match=r"train_dataset row 0: the tokenizer cannot encode the prompt: the 'prompt' "
+                                         r"column holds chat messages but the tokenizer has no chat template; .*"
+                                         r"grpo-fast tiny-model DIR --chat-template qwen"):  # fmt: skip
         trainer(tmp_path, rows, train_dataset=data)
 
 
@@ -646,8 +648,8 @@ def _bad_data(tmp_path, kind: str) -> Path:
              "no_prompt_jsonl": "d.jsonl", "no_prompt_csv": "d.csv"}  # fmt: skip
     path = tmp_path / names[kind]
     content = {"empty": "", "not_json": "this is { not json\n", "not_parquet": "PAR? no\n",
-               "no_prompt_jsonl": '{"question": "1+2=", "answer": "3"}\n',
-               "no_prompt_csv": "question,answer\n1+2=,3\n"}  # fmt: skip
+               "no_prompt_jsonl": '{"query": "1+2=", "answer": "3"}\n',
+               "no_prompt_csv": "query,answer\n1+2=,3\n"}  # fmt: skip
     if kind in content:
         path.write_text(content[kind])
     return path

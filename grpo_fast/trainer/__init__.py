@@ -6,7 +6,7 @@ Modules: ``grpo`` (GRPOTrainer: the step), ``config`` (GRPOConfig), ``update`` (
 ``run_dir`` (output directory, checkpoints, resume), ``batch``, ``metrics``, ``schedule``, ``inputs``
 (checks of what the user hands in); sampling: ``rollout``, ``decoding`` (the lean KV-cached decoder),
 ``engines``, ``shared_prefix``; ``rewards``, ``evaluation``, ``sft``, ``checkpoint``, ``distributed``,
-``modeling``, ``tracking``, ``configio``, ``data``.
+``modeling``, ``tracking``, ``configio``, ``data``, ``tiny_model``.
 """
 
 from .batch import Batch, TrainerState

@@ -144,6 +144,10 @@ def prompt_lengths(tokenizer, dataset: Dataset, name: str, chunk: int = 8192) ->
 
 
 def _encodable(tokenizer, prompt, where: str) -> str:
+    if not isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: the tokenizer cannot encode the prompt: the 'prompt' column holds chat messages "
+                         "but the tokenizer has no chat template; use a model whose tokenizer has one (grpo-fast "
+                         "tiny-model DIR --chat-template qwen makes a tiny one) or plain-text prompts")  # fmt: skip
     try:
         return prompt_text(tokenizer, prompt)
     except Exception as error:  # a missing or failing chat template: whatever the tokenizer raises
