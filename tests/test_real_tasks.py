@@ -248,7 +248,7 @@ def test_recipe_loads_validates_and_runs_two_steps_on_the_tiny_model(tmp_path, c
     else:
         data = gsm8k_disk
     swap = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(data), "dataset_config": "none",
-            "max_prompt_length": "256", "max_completion_length": "8", "eval_max_new_tokens": "8",
+            "max_prompt_length": "640", "max_completion_length": "8", "eval_max_new_tokens": "8",
             "output_dir": str(tmp_path / "run"), "bf16": "false", "max_steps": "2", "report_to": "none",
             "device": "cpu"}  # fmt: skip
     assert set(swap) == SWAPPED
