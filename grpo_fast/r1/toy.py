@@ -17,11 +17,16 @@ prompts, and the test, dev and training prompts are pairwise disjoint.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from ..optional import require
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -86,6 +91,7 @@ def scratchpad(a: int, b: int) -> str:
 
 def addition_dataset(pairs: list[tuple[int, int]]) -> Dataset:
     """Columns: prompt ("a+b="), answer (the sum as text), completion (the scratchpad target, for SFT)."""
+    Dataset = require("datasets", "the addition task's datasets (grpo_fast.r1.toy.addition_dataset)").Dataset
     return Dataset.from_dict(
         {
             "prompt": [f"{a}+{b}=" for a, b in pairs],

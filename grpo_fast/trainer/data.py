@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..optional import require
 from .configio import ConfigError
 
 DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -11,8 +12,7 @@ DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "p
 
 def load_data_file(path: str):
     """A local json/jsonl/csv/parquet file as a ``datasets.Dataset`` (no network)."""
-    from datasets import load_dataset
-
+    load_dataset = require("datasets", f"reading the data file {path}").load_dataset
     suffix = Path(path).suffix.lower()
     if suffix not in DATA_FORMATS:
         raise ConfigError(f"dataset file must end in one of {sorted(DATA_FORMATS)}, got {path!r}")

@@ -6,10 +6,10 @@ import copy
 import warnings
 
 import torch
-from datasets import Dataset
 from torch import nn
 
 from .rewards import RewardFunction, get_reward_function
+from .rows import Rows
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -89,14 +89,14 @@ def reward_weights(weights, n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def as_dataset(data, name: str) -> Dataset:
+def as_dataset(data, name: str):
     if isinstance(data, (list, tuple)):  # checked before Arrow refuses mixed types in its own words
         for i, row in enumerate(data):
             if not isinstance(row, dict):
                 raise TypeError(f"{name} row {i} must be a dict of columns, got {type(row).__name__}")
             if "prompt" in row:
                 _check_prompt(row["prompt"], f"{name} row {i}")
-    dataset = Dataset.from_list(list(data)) if isinstance(data, (list, tuple)) else data
+    dataset = _from_list(list(data)) if isinstance(data, (list, tuple)) else data
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} needs a 'prompt' column, got columns {dataset.column_names}")
     if len(dataset) == 0:
@@ -104,6 +104,15 @@ def as_dataset(data, name: str) -> Dataset:
     for i, prompt in enumerate(dataset["prompt"]):
         _check_prompt(prompt, f"{name} row {i}")
     return dataset
+
+
+def _from_list(rows: list[dict]):
+    """``datasets.Dataset.from_list`` where datasets imports, else the same columns in memory."""
+    try:
+        from datasets import Dataset
+    except ImportError:
+        return Rows(rows)
+    return Dataset.from_list(rows)
 
 
 def _check_prompt(prompt, where: str) -> None:
