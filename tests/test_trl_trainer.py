@@ -24,10 +24,14 @@ import pytest
 import torch
 from tolerances import assert_close
 from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
 
-from grpo_fast.integrations.trl import FusedGRPOTrainer
-from grpo_fast.r1 import toy
+pytest.importorskip("trl", reason="needs trl: pip install 'grpo-fast[trl]'")
+pytest.importorskip("trl.trainer.grpo_trainer", exc_type=ImportError)  # TRL's trainer imports accelerate, datasets
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from grpo_fast.integrations.trl import FusedGRPOTrainer  # noqa: E402
+from grpo_fast.r1 import toy  # noqa: E402
 
 F32 = torch.float32
 B, P, T = 4, 5, 6  # sequences (one group), prompt length, completion length
