@@ -29,8 +29,9 @@ except ImportError:  # pip vendors it
     from pip._vendor.packaging.utils import canonicalize_name
 
 IMAGE = Path(__file__).resolve().parent / "gpu_image.txt"
-# in order of use: wheel (setuptools < 70.1 builds the editable install with it), the kernels' peers (small), then TRL's trainer with what it imports (accelerate, datasets,
-# and through datasets pandas and pyarrow: most of the 64 MiB). Versions: those this project's tests run with.
+# in order of use: wheel (setuptools < 70.1 builds the editable install with it), the kernels' peers (small),
+# then TRL's trainer with what it imports (accelerate, datasets, and through datasets pandas and pyarrow: most of
+# the 64 MiB). Versions: those this project's tests run with.
 CARRIED = ("wheel", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1", "trl==1.16.0", "datasets==5.2.0")
 SIZE_CAPS = ("pyarrow<25",)  # pyarrow 26.0.1 is 52.5 MiB, 24.0.0 46.6 MiB: with pandas (11.5) the set fits 64 MiB
 PYTHONS = ("3.10", "3.11", "3.12")
