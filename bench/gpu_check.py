@@ -204,6 +204,16 @@ def _merge(run: Run, name: str, state: Path, seconds: float) -> None:
     run.write()
 
 
+def wheel_site() -> tempfile.TemporaryDirectory:
+    """A temporary folder for the carried wheels, inside ``sys.prefix`` where it can be: dill, which datasets
+    fingerprints with, pickles the classes of modules outside the prefixes by value, and fails on pyarrow's
+    (``MonthDayNano``), so TRL's and grpo_fast's ``Dataset.from_list`` would fail from a folder under /tmp."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=".gpu_check_wheels_", dir=sys.prefix)
+    except OSError:  # a prefix this user cannot write to
+        return tempfile.TemporaryDirectory(prefix="gpu_check_wheels_")
+
+
 def install_wheels(folder: Path, log, site: str) -> tuple[str | None, dict]:
     """pip install each wheel of ``folder`` into ``site`` on its own, no index, no dependencies resolved: a wheel
     that does not install (another Python's, a broken file) is reported and the others still are."""
@@ -241,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     run = Run(args, argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill from outside still stops the section
-    with open(args.out / "gpu_check.log", "a") as log, tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+    with open(args.out / "gpu_check.log", "a") as log, tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp,\
+            wheel_site() as site_dir:  # fmt: skip
         site = None
         if args.wheels is not None:
-            site, run.data["wheels"] = install_wheels(args.wheels, log, os.path.join(tmp, "site"))
+            site, run.data["wheels"] = install_wheels(args.wheels, log, site_dir)
         env = section_env(args, site)
         todo = [name for name in WEIGHTS if name in args.sections.split(",")]
         for i, name in enumerate(todo):
