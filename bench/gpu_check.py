@@ -2,13 +2,13 @@
 close to the measured hardware limits are they, how does the trainer compare with TRL's.
 
     python -m bench.gpu_check --out DIR [--budget-s 480] [--quick] [--wheels WHEELS_DIR]
-    python -m bench.gpu_check --dry-run --out DIR     # the same code paths on CPU at tiny shapes (~1-2 min)
+    python -m bench.gpu_check --dry-run --out DIR     # the same code paths on CPU at tiny shapes (~3-4 min)
 
 Sections, in order, each in its own process with its own time box (a share of what is left of
 ``--budget-s``; time a section does not use goes to the ones after it):
   environment  GPU, SM count, driver, versions; measured copy bandwidth and bf16 / fp32 GEMM rates
   tests        the public ops at real shapes against the float64 reference (bench.gpu_kernels), then
-               ``pytest -m "triton or gpu"`` (the dry run: three Triton tests under the interpreter)
+               ``pytest -m "triton or gpu" tests`` (the dry run: the same, Triton under the interpreter)
   kernels      log-probs and the GRPO loss from logits and from hidden states at Qwen2.5 / Llama-3 shapes,
                bf16 and fp32, against plain torch, torch.compile, TRL, Liger and Cut Cross-Entropy where
                they import: time, GB/s or TFLOP/s and % of the measured ceiling, peak memory
@@ -20,8 +20,11 @@ A section that fails, crashes or runs out of time is recorded with its reason an
 ``DIR/gpu_check.log`` holds the sections' output. ``GPU_CHECK_FAIL=kernels,...`` makes the named sections
 raise at their start, ``GPU_CHECK_STALL=...`` hang after saving a partial result: to check that the others
 still complete, and that a section is stopped at the end of its time box with what it saved kept.
-``--wheels DIR`` installs every wheel in DIR (``bench/gpu_wheels.sh`` prepares them) into a temporary
-folder put on the sections' PYTHONPATH, without network and without touching the environment.
+``--wheels DIR`` installs each wheel in DIR on its own (``bench/gpu_wheels.sh`` prepares them) into a temporary
+folder (inside sys.prefix where writable: see ``wheel_site``; removed at the end) put on the sections'
+PYTHONPATH, without network and without installing into the environment; a wheel that
+does not install is named and makes the exit status 1. A section that cannot import an optional package
+(``OPTIONAL``) is skipped with the reason, not failed. ``--budget-s`` counts from the start of this process.
 """
 
 from __future__ import annotations
