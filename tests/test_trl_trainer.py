@@ -307,7 +307,7 @@ def test_other_backends_match_trl(tiny, tmp_path, backend):
 
 
 def test_lora_matches_trl(tiny, tmp_path):
-    from peft import LoraConfig
+    LoraConfig = pytest.importorskip("peft", reason="needs peft: pip install 'grpo-fast[peft]'").LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     (_, grads, _), _ = _parity(tiny, tmp_path, "grpo-lora", dict(KL), {}, peft_config=lora)
