@@ -161,6 +161,36 @@ def test_the_budget_clock_starts_at_process_start():
     assert 0 <= before_read < 1.5  # the start is before the first line ran, not when process_start was called
 
 
+def test_only_the_tests_section_needs_pytest(tmp_path, monkeypatch):
+    """Every section's modules import without pytest; the tests section then skips its pytest part, saying why."""
+    code = "import sys; sys.modules['pytest'] = None; "  # `import pytest` now fails, as where it is not installed
+    code += "import bench.gpu_check, bench.gpu_sections, bench.gpu_rollout, bench.gpu_kernels, bench.trainer_steps"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from bench import gpu_sections
+
+    find_spec = gpu_sections.importlib.util.find_spec
+    monkeypatch.setattr(gpu_sections.importlib.util, "find_spec", lambda n: None if n == "pytest" else find_spec(n))
+    ctx = gpu_sections.Context(torch.device("cpu"), True, True, time.time() + 60, tmp_path / "s.json", {})
+    assert gpu_sections.run_pytest(ctx) == {"selection": "-m triton or gpu tests", "status": "skipped",
+                                            "reason": "pytest is not installed here"}  # fmt: skip
+
+
+@pytest.mark.parametrize("module,status", [("accelerate", "skipped"), ("torchvision", "failed")])
+def test_a_section_missing_an_optional_package_is_skipped_not_failed(tmp_path, monkeypatch, module, status):
+    from bench import gpu_sections
+
+    def needs_it(ctx):
+        raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+
+    monkeypatch.setitem(gpu_sections.SECTIONS, "trainer", needs_it)
+    args = gpu_check.parse_args(["--dry-run", "--out", str(tmp_path), "--section", "trainer", "--state",
+                                 str(tmp_path / "state.json"), "--deadline", str(time.time() + 60)])  # fmt: skip
+    assert gpu_check.run_section(args) == (status == "failed")
+    record = json.loads((tmp_path / "state.json").read_text())
+    assert record["status"] == status and module in record["reason"]
+
+
 # ---------------------------------------------------------------------------- the parts, in this process
 @pytest.mark.triton  # the op check runs the Triton backend (under the interpreter here)
 @pytest.mark.parametrize("h", [0, 16], ids=["from_logits", "from_hidden"])
