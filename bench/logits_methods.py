@@ -1,7 +1,7 @@
 """GRPO from logits: the methods the logits suite compares, on the same inputs and the same objective.
 
-Every loss method computes DeepSeekMath GRPO (``LossConfig()``: per-sequence token mean, clip 0.2,
-k3 KL with beta 0.04) with old and reference log-probs given, and ends in ``loss.backward()``.
+Every loss method computes DeepSeekMath GRPO (``LossConfig(loss_type="grpo", beta=0.04)``: per-sequence
+token mean, clip 0.2, k3 KL with beta 0.04) with old and reference log-probs given, and ends in ``loss.backward()``.
 Modes: ``logprobs`` = per-token log-probs and entropy, forward only (old/ref log-probs, metrics);
 ``loss`` = the GRPO loss forward + backward (the split is recorded).
 
@@ -23,7 +23,7 @@ import torch
 import grpo_fast as gf
 from grpo_fast import reference
 
-CONFIG = gf.LossConfig()  # DeepSeekMath GRPO: loss_type "grpo", epsilon 0.2, beta 0.04, k3
+CONFIG = gf.LossConfig(loss_type="grpo", beta=0.04)  # DeepSeekMath GRPO: per-sequence mean, epsilon 0.2, k3
 
 
 @dataclass

@@ -5,6 +5,7 @@
     grpo-fast train|demo ... --report_to tensorboard           also log to trackers (wandb, trackio, mlflow, all)
     grpo-fast eval --model DIR [--dataset toy|FILE] [--k K]    greedy accuracy (and pass@k) on held-out prompts
     grpo-fast plot RUN_DIR                                     RUN_DIR/curves.png from RUN_DIR/metrics.jsonl
+    grpo-fast tiny-model DIR [--chat-template qwen|llama|none] a random tiny Qwen2/Llama to try the real path offline
     grpo-fast pipeline [--config FILE] [--stages a,b]          the DeepSeek-R1 recipe, stage by stage (toy task)
 
 A training config file is YAML with GRPOConfig keys (see grpo_fast.trainer) plus the run keys of
@@ -14,7 +15,8 @@ Unknown keys are errors.
 Errors are one line, ``grpo-fast <command>: error: <what>; <remedy>``, with exit code 2 for bad usage
 (a config value, a path, a dataset) and 1 for a run that failed (a reward function, a full disk, a NaN
 loss); ``--debug`` (anywhere on the line) shows the traceback instead. Ctrl-C during ``train`` saves a
-checkpoint of the last finished step and exits with 130.
+checkpoint of the last finished step and exits with 130; SIGTERM and SIGUSR1 (preemption) do the same and
+exit with 128 + the signal number (143, 138 on Linux).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from pathlib import Path
 import yaml
 
 from .trainer import configio, tracking
-from .trainer.data import load_data_file
+from .trainer.data import load_data_file, load_named_dataset, prepare_prompts
+from .trainer.rewards import FORMAT_STYLES, get_reward_function
 
 RUN_ARGUMENTS_FILE = "run_arguments.yaml"
 REPORT_TO_HELP = "experiment trackers, comma-separated: tensorboard, wandb, trackio, mlflow; all; none (default)"
@@ -58,10 +61,28 @@ class RunArguments:
         None, 'a local file like dataset, scored greedily at eval_steps and at the end; with dataset "toy", '
         "None = the toy held-out split",
     )  # fmt: skip
+    # real tasks: TRL's script-argument names
+    dataset_name: str | None = _key(
+        None, "a Hub dataset id (datasets.load_dataset, through its cache), a directory saved with save_to_disk, or "
+        "a json/jsonl/csv/parquet file; used instead of dataset",
+    )  # fmt: skip
+    dataset_config: str | None = _key(None, "the Hub dataset's configuration (GSM8K: main)")
+    dataset_train_split: str = _key("train", "the split of dataset_name trained on")
+    dataset_test_split: str | None = _key(
+        None, "the split of dataset_name scored as eval_dataset; None = test when the dataset has one"
+    )
+    prompt_column: str = _key("prompt", "the prompt column (text or chat messages); without one, question is taken")
+    answer_column: str = _key("answer", "the gold-answer column the accuracy reward reads (GSM8K's #### x allowed)")
+    system_prompt: str | None = _key(None, "a system message put before every chat prompt")
+    apply_chat_template: bool = _key(False, "send plain-text prompts through the tokenizer's chat template too")
+    format_style: str = _key(
+        "think_answer", "what the format reward asks for: think_answer (<think>...</think><answer>...</answer>), "
+        "think (<think>...</think> then the answer, Qwen3), boxed (the answer in \\boxed{})",
+    )  # fmt: skip
     reward_funcs: tuple[str, ...] = _key(
         ("accuracy",),
         "built-in reward names, comma-separated: accuracy (the final answer against the answer or solution "
-        "column), format (<think>...</think><answer>...</answer>)",
+        "column; math-verify when installed), format (see format_style)",
     )
     device: str | None = _key(None, '"cpu", "cuda", "cuda:1", ...; None = cuda when available')
     use_peft: bool = _key(False, "train LoRA adapters only (peft.LoraConfig; TRL's ModelConfig names)")
@@ -76,10 +97,28 @@ class RunArguments:
         configio.check_field_types(self)
         checks = (("lora_r", self.lora_r >= 1, "an int >= 1"), ("lora_alpha", self.lora_alpha > 0, "> 0"),
                   ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
-                  ("reward_funcs", len(self.reward_funcs) > 0, "at least one reward name"))  # fmt: skip
+                  ("reward_funcs", len(self.reward_funcs) > 0, "at least one reward name"),
+                  ("format_style", self.format_style in FORMAT_STYLES, f"one of {', '.join(FORMAT_STYLES)}"),
+                  ("dataset", self.dataset_name is None or self.dataset == "toy",
+                   "left out when dataset_name is given (one of them names the data)"),
+                  ("dataset_test_split", self.dataset_test_split is None or self.eval_dataset is None,
+                   "left out when eval_dataset is given (one of them names the eval set)"))  # fmt: skip
+        checks += self._data_key_checks()
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def _data_key_checks(self) -> tuple:
+        """The data keys that only mean something with dataset_name, or with data other than the toy task."""
+        named = self.dataset_name is not None
+        toy = self.dataset == "toy" and not named
+        default = RunArguments.__dataclass_fields__
+        checks = [(k, named or getattr(self, k) == default[k].default, "left out without dataset_name")
+                  for k in ("dataset_config", "dataset_train_split", "dataset_test_split")]  # fmt: skip
+        checks += [(k, not toy or getattr(self, k) == default[k].default,
+                    "left out for the toy task (it applies to dataset_name or a dataset file)")
+                   for k in ("prompt_column", "answer_column", "system_prompt", "apply_chat_template")]  # fmt: skip
+        return tuple(checks)
 
     def peft_config(self):
         """The ``peft.LoraConfig`` of these arguments, or None without ``use_peft``."""
@@ -108,11 +147,16 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with ours
     try:
-        commands = {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo, "pipeline": _pipeline}
+        commands = {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo, "pipeline": _pipeline,
+                    "tiny-model": _tiny_model}  # fmt: skip
         return commands[args.command](args, rest)
-    except KeyboardInterrupt:
-        print(f"grpo-fast {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or a StopSignal (SIGTERM, SIGUSR1) during training
+        signum = getattr(stop, "signum", None)
+        if signum is None:
+            print(f"grpo-fast {args.command}: interrupted", file=sys.stderr)
+            return 130
+        print(f"grpo-fast {args.command}: {stop} (exit code {128 + signum})", file=sys.stderr)
+        return 128 + signum
     except Exception as error:
         if debug:
             raise
@@ -172,6 +216,16 @@ def _parser(train_keys: bool = False) -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     plot = sub.add_parser("plot", help="write RUN_DIR/curves.png (reward, accuracy, kl, length)")
     plot.add_argument("run_dir")
+    tiny = sub.add_parser(
+        "tiny-model",
+        help="write a random tiny Qwen2 (or Llama) with a byte-level tokenizer and a chat template to DIR, built in "
+        "code: the real path (chat prompts, datasets, train, eval) offline; it is untrained",
+    )
+    tiny.add_argument("dir", help="the directory to write (AutoModelForCausalLM / AutoTokenizer load it)")
+    tiny.add_argument("--chat-template", choices=("qwen", "llama", "none"), default="qwen",
+                      help="qwen: a Qwen2 with ChatML; llama: a Llama with Llama-3 headers; none: a Qwen2 without "
+                      "one")  # fmt: skip
+    tiny.add_argument("--seed", type=int, default=0)
     demo = sub.add_parser("demo", help="offline demo: tiny model, SFT warm-start, GRPO, before/after accuracy")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="run directory (default runs/demo-seed<N>)")
@@ -277,9 +331,10 @@ def _train(args, rest) -> int:
 
         model = load_model(run.model_name_or_path, device)
         tokenizer = AutoTokenizer.from_pretrained(run.model_name_or_path)
-    train, evaluation = _datasets(run.dataset, run.eval_dataset, config.seed)
+    train, evaluation = _datasets(run, tokenizer, config.seed)
     files = {RUN_ARGUMENTS_FILE: _run_arguments_yaml(run)}
-    trainer = GRPOTrainer(model, list(run.reward_funcs), config, train, eval_dataset=evaluation, tokenizer=tokenizer,
+    rewards = [get_reward_function(name, run.format_style) for name in run.reward_funcs]
+    trainer = GRPOTrainer(model, rewards, config, train, eval_dataset=evaluation, tokenizer=tokenizer,
                           peft_config=run.peft_config(), run_files=files)  # fmt: skip
     metrics = trainer.train(resume_from_checkpoint=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward", "step"))}, indent=2))
@@ -289,25 +344,48 @@ def _train(args, rest) -> int:
 def _run_arguments_yaml(run: RunArguments) -> str:
     """The run keys as saved next to grpo_config.yaml, data files as absolute paths (``grpo-fast eval``
     reads eval_dataset from there when given the run's directory or one of its checkpoints)."""
-    given = {k: getattr(run, k) for k in ("dataset", "eval_dataset")}
-    files = {k: str(Path(v).resolve()) for k, v in given.items() if v not in (None, "toy")}
+    given = {k: getattr(run, k) for k in ("dataset", "eval_dataset", "dataset_name")}
+    paths = {k: Path(configio.expand_path(v, k)) for k, v in given.items() if v not in (None, "toy")}
+    files = {k: str(v.resolve()) for k, v in paths.items() if k != "dataset_name" or v.exists()}  # not a Hub id
     return yaml.safe_dump(configio.to_dict(dataclasses.replace(run, **files)), sort_keys=False)
 
 
-def _run_eval_dataset(model_dir: str) -> str:
-    """The eval set of the run a model directory belongs to (its run_arguments.yaml, in the directory or
-    its parent, as for RUN_DIR/checkpoint-N): the run's eval_dataset, or "toy" when there is none."""
+def _run_arguments(model_dir: str) -> RunArguments | None:
+    """The run keys of the run a model directory belongs to (its run_arguments.yaml, in the directory or its
+    parent, as for RUN_DIR/checkpoint-N); None when there is none."""
     for folder in (Path(model_dir), Path(model_dir).parent):
         if (folder / RUN_ARGUMENTS_FILE).is_file():
-            run = configio.from_dict(RunArguments, configio.read_yaml(folder / RUN_ARGUMENTS_FILE),
-                                     str(folder / RUN_ARGUMENTS_FILE))  # fmt: skip
-            if run.eval_dataset is not None:
-                return run.eval_dataset
-            if run.dataset != "toy":
-                raise configio.ConfigError(
-                    f"the run of {model_dir} trained on {run.dataset} without an eval_dataset; pass --dataset FILE"
-                )
-    return "toy"
+            return configio.from_dict(RunArguments, configio.read_yaml(folder / RUN_ARGUMENTS_FILE),
+                                      str(folder / RUN_ARGUMENTS_FILE))  # fmt: skip
+    return None
+
+
+def _eval_source(model_dir: str, name: str | None) -> tuple[RunArguments | None, str | None]:
+    """(the run's keys or None, what ``grpo-fast eval`` scores): ``name`` ("toy" or a file) when given, else
+    the run's eval_dataset, else None for its dataset_name's test split, else toy. Checked before any load."""
+    run = _run_arguments(model_dir)
+    if name is not None or run is None:
+        return run, name or "toy"
+    if run.eval_dataset is None and run.dataset_name is None and run.dataset != "toy":
+        raise configio.ConfigError(
+            f"the run of {model_dir} trained on {run.dataset} without an eval_dataset; pass --dataset FILE"
+        )
+    return run, run.eval_dataset or (None if run.dataset_name else "toy")
+
+
+def _eval_dataset(run: RunArguments | None, name: str | None, tokenizer):
+    """(name, dataset) of ``_eval_source``'s answer, prompts prepared as the run prepared them."""
+    from .r1 import toy
+
+    if name == "toy":
+        return name, toy.make_splits()["test"]
+    if name is not None:
+        return name, _prepared(load_data_file(name), run or RunArguments(), tokenizer, name)
+    _, test = load_named_dataset(run.dataset_name, run.dataset_config, run.dataset_train_split, run.dataset_test_split)
+    if test is None:
+        raise configio.ConfigError(f"the run trained on {run.dataset_name}, which has no test split; pass --dataset "
+                                   "FILE")  # fmt: skip
+    return run.dataset_name, _prepared(test, run, tokenizer, f"{run.dataset_name} test split")
 
 
 def _device(name: str | None) -> str:
@@ -327,28 +405,44 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _datasets(dataset: str, eval_dataset: str | None, seed: int):
+def _datasets(run: RunArguments, tokenizer, seed: int):
+    """(train, eval or None) of a run: the toy splits, a dataset_name's splits or data files, with prompts
+    prepared (columns, system prompt, chat template) for ``tokenizer``."""
     from .r1 import toy
 
-    if dataset == "toy":
+    if run.dataset == "toy" and run.dataset_name is None:
         splits = toy.make_splits(seed=seed)
-        return splits["train"], (splits["test"] if eval_dataset is None else load_data_file(eval_dataset))
-    return load_data_file(dataset), (None if eval_dataset is None else load_data_file(eval_dataset))
+        train, held_out = splits["train"], splits["test"]
+    elif run.dataset_name is not None:
+        train, held_out = load_named_dataset(run.dataset_name, run.dataset_config, run.dataset_train_split,
+                                             run.dataset_test_split)  # fmt: skip
+        train = _prepared(train, run, tokenizer, run.dataset_name)
+        held_out = None if held_out is None else _prepared(held_out, run, tokenizer, f"{run.dataset_name} test split")
+    else:
+        train, held_out = _prepared(load_data_file(run.dataset), run, tokenizer, run.dataset), None
+    if run.eval_dataset is not None:
+        held_out = _prepared(load_data_file(run.eval_dataset), run, tokenizer, run.eval_dataset)
+    return train, held_out
+
+
+def _prepared(dataset, run: RunArguments, tokenizer, name: str):
+    return prepare_prompts(dataset, name, prompt_column=run.prompt_column, answer_column=run.answer_column,
+                           system_prompt=run.system_prompt, apply_chat_template=run.apply_chat_template,
+                           chat_template=bool(getattr(tokenizer, "chat_template", None)))  # fmt: skip
 
 
 def _eval(args, rest) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from .r1 import toy
     from .trainer.evaluation import evaluate
     from .trainer.modeling import load_model
 
-    name = args.dataset or _run_eval_dataset(args.model)
-    dataset = toy.make_splits()["test"] if name == "toy" else load_data_file(name)
+    run, name = _eval_source(args.model, args.dataset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    name, dataset = _eval_dataset(run, name, tokenizer)
     if args.num_prompts is not None:
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
     out = evaluate(
@@ -368,6 +462,16 @@ def _plot(args, rest) -> int:
     from .trainer.plotting import plot_run
 
     print(plot_run(args.run_dir))
+    return 0
+
+
+def _tiny_model(args, rest) -> int:
+    from .trainer.tiny_model import save_tiny_model
+
+    if Path(args.dir).exists() and (not Path(args.dir).is_dir() or any(Path(args.dir).iterdir())):
+        raise configio.ConfigError(f"{args.dir} exists and is not an empty directory; give a new directory")
+    path = save_tiny_model(args.dir, args.chat_template, seed=args.seed)
+    print(json.dumps({"model": str(path), "chat_template": args.chat_template}))
     return 0
 
 

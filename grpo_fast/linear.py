@@ -27,6 +27,7 @@ from .validation import (
     check_loss_inputs,
     check_shape,
     check_tensor,
+    check_token_masks,
     checked_ids,
 )
 
@@ -44,6 +45,8 @@ def linear_grpo_loss(
     config: LossConfig | None = None,
     importance_ratio: torch.Tensor | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
     deterministic: bool = False,
@@ -54,7 +57,7 @@ def linear_grpo_loss(
         hidden: (B, T, H) or (B * T, H) hidden states; ``hidden[:, t]`` predicts ``completion_ids[:, t]``.
         weight: (V, H), e.g. ``model.lm_head.weight``; float32 with bfloat16 hidden is computed in fp32.
         completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs, config,
-        importance_ratio, num_items_in_batch: as in ``grpo_loss``.
+        importance_ratio, num_items_in_batch, policy_mask, entropy_mask: as in ``grpo_loss``.
         bias: optional (V,) LM-head bias.
         backend: "auto" | "torch" | "reference".
         chunk_size: token rows per chunk of the torch backend (default from V: about 2^25 / V, so two
@@ -66,26 +69,31 @@ def linear_grpo_loss(
     config = check_config(config)
     b, t, hidden2d = _check_head(hidden, weight, bias, completion_ids)
     check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio, "hidden")
+    check_token_masks(b, t, policy_mask, entropy_mask)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     scores = {"hidden": hidden, "weight": weight, "bias": bias}
     active, ids = checked_ids(scores, weight.shape[0], "completion_ids", completion_ids, "completion_mask",
                               completion_mask, advantages=advantages, old_logprobs=old_logprobs,
-                              ref_logprobs=ref_logprobs, importance_ratio=importance_ratio)  # fmt: skip
+                              ref_logprobs=ref_logprobs, importance_ratio=importance_ratio,
+                              policy_mask=policy_mask, entropy_mask=entropy_mask)  # fmt: skip
     backend = check_backend(backend, hidden.device, _head_dtype(hidden, weight, bias))
     if backend == "reference":
         logits = _reference_logits(hidden2d, weight, bias).view(b, t, weight.shape[0])  # (B, T, V)
         mask = active.to(logits.dtype)
         loss, metrics, logp = reference.grpo_loss(
-            logits, ids, advantages, mask, old_logprobs, ref_logprobs, config, importance_ratio, num_items_in_batch
-        )
+            logits, ids, advantages, mask, old_logprobs, ref_logprobs, config, importance_ratio, num_items_in_batch,
+            policy_mask, entropy_mask,
+        )  # fmt: skip
         return _finish_linear(loss.float(), logp.float(), active.float(), metrics, hidden2d, weight, bias)
     mask = active.float()
     cast = {"dtype": torch.float32}
     adv, old, ref = advantages.to(**cast), as_float(old_logprobs), as_float(ref_logprobs)
-    ratio = as_float(importance_ratio)
+    ratio, keep, bonus = as_float(importance_ratio), as_float(policy_mask), as_float(entropy_mask)
 
     def loss_of(logp, entropy):
-        return objective.grpo_objective(logp, entropy, adv, mask, old, ref, config, ratio, num_items_in_batch)
+        return objective.grpo_objective(
+            logp, entropy, adv, mask, old, ref, config, ratio, num_items_in_batch, keep, bonus
+        )
 
     inv_tau = 1.0 / config.temperature
     metrics: dict[str, torch.Tensor] = {}
@@ -197,10 +205,12 @@ def _standin(hidden2d, weight, bias, ids, rows, mask, old, config, inv_tau, chun
 
     Sequence-level importance sampling couples a sequence's tokens through their values when the
     weight exp(mean_t(logp - old)) is off-policy, or when the KL term is multiplied by it (bias
-    correction): then the true log-probs come first, from one extra forward-only GEMM pass.
+    correction); so does vespo's weight phi(exp(sum_t (logp - old))) when off-policy: then the true
+    log-probs come first, from one extra forward-only GEMM pass.
     """
     bias_corrected_kl = config.beta != 0.0 and config.use_bias_correction_kl
-    if config.importance_sampling_level == "sequence" and (old is not None or bias_corrected_kl):
+    sequence_weight = config.importance_sampling_level == "sequence" and (old is not None or bias_corrected_kl)
+    if sequence_weight or (config.loss_type == "vespo" and old is not None):
         with torch.no_grad():
             lp, _ = ops.forward_stats(hidden2d, weight, bias, ids.reshape(-1), rows, inv_tau, chunk, False)
         return torch.zeros_like(mask).view(-1).index_put_((rows,), lp).view_as(mask)

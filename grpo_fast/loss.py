@@ -27,6 +27,7 @@ from .validation import (
     check_loss_inputs,
     check_shape,
     check_tensor,
+    check_token_masks,
     checked_ids,
 )
 
@@ -89,6 +90,8 @@ def grpo_loss(
     config: LossConfig | None = None,
     importance_ratio: torch.Tensor | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
     backend: str = "auto",
     inplace_backward: bool = False,
 ) -> LossOutput:
@@ -103,9 +106,12 @@ def grpo_loss(
         old_logprobs: (B, T) log-probs under the sampling policy; None = on-policy (ratio 1,
             gradient still flows).
         ref_logprobs: (B, T) reference-policy log-probs; required when config.beta > 0.
-        config: LossConfig (default: DeepSeekMath GRPO).
+        config: LossConfig (default: ``LossConfig()``, TRL 1.16's defaults: dapo, beta 0).
         importance_ratio: (B, T) or (B, 1) rollout correction rho, e.g. ``rollout_importance_ratio``.
-        num_items_in_batch: dapo/cispo normaliser, tokens in the whole generation batch.
+        num_items_in_batch: dapo/cispo/vespo normaliser, tokens in the whole generation batch.
+        policy_mask: (B, T) or (B, 1) factor of the per-token policy loss (TRL's off-policy and
+            high-entropy masks); entropy_mask: (B, T) tokens the entropy bonus averages over. See
+            ``grpo_objective``.
         backend: "auto" | "triton" | "torch" | "reference".
         inplace_backward: write the logits gradient into the logits' storage (saves N x V memory;
             only when nothing else uses the logits after this loss). torch/triton backends.
@@ -116,16 +122,19 @@ def grpo_loss(
     check_tensor("logits", logits, 3, FLOAT_DTYPES)
     b, t = logits.shape[:2]
     check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logprobs, importance_ratio, "logits")
+    check_token_masks(b, t, policy_mask, entropy_mask)
     check_config_inputs(config, ref_logprobs, num_items_in_batch)
     active, ids = checked_ids({"logits": logits}, logits.shape[-1], "completion_ids", completion_ids,
                               "completion_mask", completion_mask, advantages=advantages, old_logprobs=old_logprobs,
-                              ref_logprobs=ref_logprobs, importance_ratio=importance_ratio)  # fmt: skip
+                              ref_logprobs=ref_logprobs, importance_ratio=importance_ratio,
+                              policy_mask=policy_mask, entropy_mask=entropy_mask)  # fmt: skip
     backend = check_backend(backend, logits.device, logits.dtype)
     if backend == "reference":
         mask = active.to(_float_for(logits))
         loss, metrics, logp = reference.grpo_loss(
-            logits, ids, advantages, mask, old_logprobs, ref_logprobs, config, importance_ratio, num_items_in_batch
-        )
+            logits, ids, advantages, mask, old_logprobs, ref_logprobs, config, importance_ratio, num_items_in_batch,
+            policy_mask, entropy_mask,
+        )  # fmt: skip
         return LossOutput(_finish(loss, logits), metrics, logp.float())
     logp, entropy = _stats(logits, ids, active, config.temperature, True, backend, inplace_backward)
     mask = active.float()
@@ -139,6 +148,8 @@ def grpo_loss(
         config,
         as_float(importance_ratio),
         num_items_in_batch,
+        as_float(policy_mask),
+        as_float(entropy_mask),
     )
     return LossOutput(_finish(loss, logits), metrics, logp)
 

@@ -1,7 +1,7 @@
 """The GRPO objective on (B, T) per-token quantities: every backend's loss ends here.
 
 From the per-token log-probs of the current policy (and its entropies), the sampling policy's and the
-reference model's, and the advantages: importance weights, the clipped (or cispo / sapo) surrogate, the
+reference model's, and the advantages: importance weights, the clipped (or cispo / sapo / vespo) surrogate, the
 KL penalty, the loss-type normaliser (one table, ``aggregation_weights``) and TRL's metrics. No
 vocabulary-sized work: how the log-probs are computed from logits or hidden states is the business of
 ``reference`` (plain PyTorch, the float64 spec), ``loss`` and ``linear`` (the fused paths).
@@ -11,6 +11,8 @@ loss-type normalisations, so that for the same inputs the loss is TRL's to round
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -70,6 +72,65 @@ def policy_loss(coef_1: torch.Tensor, advantages: torch.Tensor, logp: torch.Tens
     return -torch.min(coef_1 * advantages, coef_2 * advantages), coef_1
 
 
+VESPO_LOG_W_MIN = math.log(1e-8)  # VESPO's floor on the sequence weight w (TRL: log(1e-8) ~ -18.42)
+
+
+def vespo_weights(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: LossConfig,
+    importance_ratio: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """VESPO's detached gamma weight phi of each sequence (arXiv 2602.10693; TRL's ``get_gamma_weights``).
+
+    log w = clamp(sum_t m_t clamp(logp_t - old_t, -20, 20) + log rho, log 1e-8, 20), where the rollout
+    correction rho (``importance_ratio``) enters as sum_t m_t clamp(log rho_t, log 1e-8, 20) for a (B, T)
+    ratio, or clamp(log rho, log 1e-8, 20) for a (B, 1) one: VESPO folds it into w instead of multiplying
+    the loss by it. phi = exp(lambda + k log w - lambda w), so phi(1) = 1, with (k, lambda) = (k_pos,
+    lambda_pos) where A >= 0, else (k_neg, lambda_neg); NaN / inf -> 0. Shape of A broadcast over (B, 1).
+    """
+    with torch.no_grad():
+        log_w = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)  # (B, 1)
+        if importance_ratio is not None:
+            log_rho = torch.clamp(torch.log(importance_ratio), VESPO_LOG_W_MIN, 20.0)
+            log_w = log_w + (log_rho if log_rho.shape[-1] == 1 else (log_rho * mask).sum(-1, keepdim=True))
+        log_w = torch.clamp(log_w, VESPO_LOG_W_MIN, 20.0)
+        positive = advantages >= 0
+        k_pos, k_neg, lam_pos, lam_neg = (
+            log_w.new_tensor(x)  # in log_w's dtype: float64 stays exact
+            for x in (config.vespo_k_pos, config.vespo_k_neg, config.vespo_lambda_pos, config.vespo_lambda_neg)
+        )
+        k = torch.where(positive, k_pos, k_neg)
+        lam = torch.where(positive, lam_pos, lam_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """(B, T) 0/1 mask of the tokens whose entropy is in the top ``top_quantile`` share of the masked tokens
+    (Wang et al., arXiv 2506.01939; TRL's ``get_high_entropy_mask`` on one process): H >= the (1 - q)-quantile
+    of {H_t : m_t = 1} (linear interpolation, torch.quantile), within the mask; all 0 when no token counts."""
+    active = mask > 0
+    values = entropy[active].float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values, 1.0 - top_quantile).to(entropy.dtype)
+    return ((entropy * mask >= threshold) & active).to(mask.dtype)
+
+
+def off_policy_mask(
+    advantages: torch.Tensor, logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's ``get_off_policy_mask``), (B, 1) or A's (B, T) shape:
+    keep a sequence if A >= 0 or its mean KL estimate sum_t m (sampling - logp) / max(sum_t m, 1) <= threshold;
+    tokens the sampler did not score (NaN) count 0."""
+    kl = torch.nan_to_num(sampling_logp - logp.detach(), nan=0.0)
+    mean_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    return ((advantages >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
 def aggregate(
     per_token_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -88,7 +149,7 @@ def aggregation_weights(
 
     grpo, sapo: mean_i [sum_t l m / max(sum_t m, 1)] / GA;  bnpo: sum l m / max(sum m, 1) / GA;
     dr_grpo: sum l m / (B * max_completion_length) / GA;  luspo: mean_i [sum_t l m] / GA;
-    dapo, cispo: sum l m / (max(num_items_in_batch, 1) / world_size * GA / steps_per_generation),
+    dapo, cispo, vespo: sum l m / (max(num_items_in_batch, 1) / world_size * GA / steps_per_generation),
     where num_items_in_batch (default: this batch's mask sum) counts the whole generation batch.
     The weights depend on the mask only, so a fused kernel can apply them token by token.
     """
@@ -106,7 +167,7 @@ def aggregation_weights(
 
 
 def dapo_normalizer(mask: torch.Tensor, config: LossConfig, num_items_in_batch=None) -> torch.Tensor:
-    """TRL's dapo/cispo divisor: num_items_in_batch / world_size * GA / steps_per_generation."""
+    """TRL's dapo/cispo/vespo divisor: num_items_in_batch / world_size * GA / steps_per_generation."""
     n = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=mask.dtype)
     steps = config.steps_per_generation or config.gradient_accumulation_steps
     return n.clamp(min=1.0) / config.world_size * config.gradient_accumulation_steps / steps
@@ -129,11 +190,15 @@ def grpo_objective(
     config: LossConfig | None = None,
     importance_ratio: torch.Tensor | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss from per-token log-probs (the (B, T) part; no vocabulary-sized work).
 
-    l_t = rho_t * policy_loss_t + beta * KL_t (KL_t *= r_t with bias correction), aggregated per
-    ``config.loss_type``, minus ``entropy_coef`` times the masked mean entropy / GA.
+    l_t = s_t * rho_t * policy_loss_t + beta * KL_t (KL_t *= r_t with bias correction), aggregated per
+    ``config.loss_type``, minus ``entropy_coef`` times the mean entropy over mask * e / GA, with
+    s = ``policy_mask`` and e = ``entropy_mask`` (1 when None). For vespo rho is not a factor of the loss:
+    it is folded into the sequence weight w (``vespo_weights``), as TRL does.
 
     Args:
         logp: (B, T) log-probs of the current policy (differentiable).
@@ -143,7 +208,11 @@ def grpo_objective(
         old_logp: (B, T) log-probs of the sampling policy; None = on-policy (old = logp.detach()).
         ref_logp: (B, T) reference-model log-probs; needed when beta > 0.
         importance_ratio: (B, T) or (B, 1) rollout correction rho (see ``rollout_importance_ratio``).
-        num_items_in_batch: dapo/cispo normaliser (tokens in the generation batch).
+        num_items_in_batch: dapo/cispo/vespo normaliser (tokens in the generation batch).
+        policy_mask: (B, T) or (B, 1) detached factor of the per-token policy loss (not of the KL term, not
+            of the normaliser): TRL's off-policy sequence mask times its high-entropy token mask.
+        entropy_mask: (B, T) the tokens the entropy bonus averages over, within ``mask`` (TRL's high-entropy
+            mask when top_entropy_quantile < 1); the ``entropy`` metric stays the mean over ``mask``.
     Returns:
         (loss, metrics): scalar loss in logp's dtype; metrics under TRL's names, detached.
     """
@@ -153,10 +222,17 @@ def grpo_objective(
     old_logp = logp.detach() if old_logp is None else old_logp
     log_w = log_importance_weights(logp, old_logp, mask, config.importance_sampling_level, config.log_ratio_clamp)
     coef_1 = torch.exp(log_w)  # (B, T) or (B, 1)
-    per_token_loss, clip_coef = policy_loss(coef_1, advantages, logp, config)
-    if importance_ratio is not None:
-        per_token_loss = per_token_loss * importance_ratio
     metrics: dict[str, torch.Tensor] = {}
+    if config.loss_type == "vespo":  # l = -sg(phi) A logp, rho inside phi
+        phi = vespo_weights(logp - old_logp, advantages, mask, config, importance_ratio)
+        per_token_loss, clip_coef = -phi * advantages * logp, coef_1
+        metrics["vespo/phi_seq_mean"] = masked_mean(phi, mask)
+    else:
+        per_token_loss, clip_coef = policy_loss(coef_1, advantages, logp, config)
+        if importance_ratio is not None:
+            per_token_loss = per_token_loss * importance_ratio
+    if policy_mask is not None:
+        per_token_loss = per_token_loss * policy_mask
     if config.beta != 0.0:
         kl = kl_penalty(logp, ref_logp, config.kl_estimator)
         if config.use_bias_correction_kl:
@@ -167,7 +243,8 @@ def grpo_objective(
     if entropy is not None:
         mean_entropy = masked_mean(entropy, mask)
         if config.entropy_coef != 0.0:
-            loss = loss - config.entropy_coef * mean_entropy / config.gradient_accumulation_steps
+            bonus = mean_entropy if entropy_mask is None else masked_mean(entropy, mask * entropy_mask)
+            loss = loss - config.entropy_coef * bonus / config.gradient_accumulation_steps
         metrics["entropy"] = mean_entropy
     if config.loss_type in PPO_CLIP_LOSS_TYPES:
         metrics.update(clip_metrics(clip_coef, advantages, mask, config))

@@ -85,6 +85,8 @@ def grpo_loss(
     config: LossConfig | None = None,
     importance_ratio: torch.Tensor | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
 ):
     """GRPO loss from logits by plain autograd: log_softmax -> gather -> ``grpo_objective``.
 
@@ -110,6 +112,8 @@ def grpo_loss(
         config,
         None if importance_ratio is None else importance_ratio.to(**cast),
         num_items_in_batch,
+        None if policy_mask is None else policy_mask.to(**cast),
+        None if entropy_mask is None else entropy_mask.to(**cast),
     )
     return loss, metrics, logp
 

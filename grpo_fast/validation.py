@@ -136,6 +136,16 @@ def check_loss_inputs(b, t, completion_ids, advantages, old_logprobs, ref_logpro
     return b, t
 
 
+def check_token_masks(b, t, policy_mask, entropy_mask) -> None:
+    """policy_mask (B, T) or (B, 1), entropy_mask (B, T): float or bool tensors (``grpo_objective``)."""
+    for name, x, shapes in (("policy_mask", policy_mask, ((b, t), (b, 1))), ("entropy_mask", entropy_mask, ((b, t),))):
+        if x is None:
+            continue
+        check_tensor(name, x, 2, FLOAT_DTYPES + (torch.bool,))
+        if tuple(x.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(x.shape)}")
+
+
 def check_config_inputs(config: LossConfig, ref_logprobs, num_items_in_batch) -> None:
     if config.beta != 0.0 and ref_logprobs is None:
         raise ValueError(f"config.beta = {config.beta} > 0 needs ref_logprobs (B, T), got None")

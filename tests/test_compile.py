@@ -31,7 +31,8 @@ def test_grpo_loss_compiles_fullgraph_and_matches_eager():
     adv, mask, ref = torch.randn(2), torch.ones(2, 5), torch.randn(2, 5) - 3
 
     def loss_fn(x):
-        return gf.grpo_loss(x, ids, adv, mask, None, ref, backend="torch").loss
+        return gf.grpo_loss(x, ids, adv, mask, None, ref, config=gf.LossConfig(loss_type="grpo", beta=0.04),
+                            backend="torch").loss  # fmt: skip
 
     eager_x = logits.clone().requires_grad_()
     loss_fn(eager_x).backward()

@@ -189,7 +189,7 @@ def test_linear_head_under_autocast_keeps_fp32_accuracy(one_thread):
     import grpo_fast as gf
 
     hidden, weight, ids, mask, adv = _head_inputs(1)
-    config = gf.LossConfig(beta=0.0, entropy_coef=0.01)
+    config = gf.LossConfig(loss_type="grpo", beta=0.0, entropy_coef=0.01)
     leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         stats = gf.linear_token_logprobs(hidden, weight, ids, return_entropy=True, backend="torch")
@@ -243,7 +243,7 @@ def test_linear_ops_do_not_synchronise(backend, device, one_thread):
 
     hidden, weight, ids, mask, adv = (x.to(device) for x in _head_inputs(2))
     b, t, h = hidden.shape
-    config = gf.LossConfig(beta=0.0, entropy_coef=0.01)
+    config = gf.LossConfig(loss_type="grpo", beta=0.0, entropy_coef=0.01)
     objective, active = _objective(adv, mask, config), mask.bool()
     hidden2d = hidden.reshape(b * t, h).requires_grad_()
     weight.requires_grad_()
@@ -289,7 +289,9 @@ def test_second_backward_through_the_fused_head_is_refused(one_thread):
 
     hidden, weight, ids, mask, adv = _head_inputs(4)
     hidden.requires_grad_()
-    loss = gf.linear_grpo_loss(hidden, weight, ids, adv, mask, config=gf.LossConfig(beta=0.0), backend="torch").loss
+    loss = gf.linear_grpo_loss(
+        hidden, weight, ids, adv, mask, config=gf.LossConfig(loss_type="grpo", beta=0.0), backend="torch"
+    ).loss
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
@@ -315,7 +317,7 @@ def test_auto_backend_with_fp32_hidden_and_fp64_weight_uses_torch_on_a_gpu_host(
     monkeypatch.setattr(linear, "check_backend", on_cuda)
     monkeypatch.setattr(validation, "triton_available", lambda: True)
     hidden, weight, ids, mask, adv = _head_inputs(5)
-    config = gf.LossConfig(beta=0.0)
+    config = gf.LossConfig(loss_type="grpo", beta=0.0)
     out = gf.linear_grpo_loss(hidden, weight.double(), ids, adv, mask, config=config)
     stats = gf.linear_token_logprobs(hidden, weight.double(), ids)
     assert chosen == ["torch", "torch"]

@@ -142,6 +142,16 @@ def test_docs_name_only_files_in_the_repository():
     assert not missing, "\n".join(missing)
 
 
+def test_docs_links_and_images_resolve_from_their_page():
+    """A renderer resolves a Markdown link or an <img src> from the page's folder, not the repository root
+    (docs/trainer.md once showed bench/results/demo_curves.png, which exists only from the root)."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    targets = [(doc, t) for doc in docs for t in re.findall(r'(?:src="|\]\()([^")#\s]+)', doc.read_text())]
+    assert len(targets) > 10
+    broken = [f"{doc.name}: {t}" for doc, t in targets if "://" not in t and not (doc.parent / t).exists()]
+    assert not broken, "\n".join(broken)
+
+
 def test_the_path_reader_finds_paths():
     assert _named_paths("see `grpo_fast/r1/world.py` and bench/results/r1/seed0-report.png, not runs/x/report.md") == {
         "grpo_fast/r1/world.py",

@@ -10,7 +10,7 @@ from grpo_fast import reference
 from grpo_fast.ops import linear_loss
 
 B, T, H, V = 3, 5, 16, 53
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 def _inputs(seed, dtype=torch.float64, bias=True, off_policy=True):
@@ -69,6 +69,7 @@ def test_torch_backend_matches_float64_reference(
     if row_passes == "compiled":
         monkeypatch.setattr(linear_loss, "COMPILED_MIN_VOCAB", 0)
     cfg = gf.LossConfig(
+        beta=0.04,
         loss_type=loss_type,
         importance_sampling_level=level,
         entropy_coef=entropy_coef,
@@ -90,7 +91,7 @@ def test_torch_backend_matches_float64_reference(
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 7, 15, 1000])
 def test_chunk_size_does_not_change_the_result(chunk_size):
-    cfg = gf.LossConfig(importance_sampling_level="sequence", entropy_coef=0.1)
+    cfg = gf.LossConfig(loss_type="grpo", beta=0.04, importance_sampling_level="sequence", entropy_coef=0.1)
     _, expected = _run(cfg, "reference", torch.float64)
     _, actual = _run(cfg, "torch", torch.float32, chunk_size=chunk_size)
     for a, e in zip(actual, expected):  # the torch path computes in float32 whatever the input dtype
@@ -98,7 +99,7 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
 
 
 def test_bf16_hidden_with_fp32_head_and_bf16_head():
-    cfg = gf.LossConfig()
+    cfg = gf.LossConfig(loss_type="grpo", beta=0.04)
     _, expected = _run(cfg, "reference", torch.float64, bias=False)
     hidden, weight, _, ids, adv, mask, old, ref = _inputs(0, bias=False)
     for w_dtype in (torch.float32, torch.bfloat16):
@@ -172,7 +173,7 @@ def test_linear_bad_inputs(kwargs, match):
 
 TRITON_CASES = [("grpo", "token", 0.0, 1.0), ("dapo", "sequence", 0.05, 0.7), ("sapo", "token", 0.05, 1.0),
                 ("cispo", "sequence", 0.0, 0.7), ("luspo", "token", 0.0, 1.0), ("dr_grpo", "sequence", 0.05, 1.0),
-                ("bnpo", "token", 0.0, 0.7)]  # fmt: skip
+                ("bnpo", "token", 0.0, 0.7), ("vespo", "sequence", 0.05, 0.7)]  # fmt: skip
 
 
 @pytest.mark.parametrize("loss_type,level,entropy_coef,temperature", TRITON_CASES)
@@ -180,7 +181,7 @@ TRITON_CASES = [("grpo", "token", 0.0, 1.0), ("dapo", "sequence", 0.05, 0.7), ("
 @pytest.mark.triton
 def test_triton_backend_through_the_public_api(loss_type, level, entropy_coef, temperature, off_policy):
     """backend="triton" (under TRITON_INTERPRET=1 on CPU) against the float64 reference, fp32 inputs."""
-    cfg = gf.LossConfig(loss_type=loss_type, importance_sampling_level=level, entropy_coef=entropy_coef,
+    cfg = gf.LossConfig(beta=0.04, loss_type=loss_type, importance_sampling_level=level, entropy_coef=entropy_coef,
                         temperature=temperature, max_completion_length=8, use_bias_correction_kl=True)  # fmt: skip
     ref_out, expected = _run(cfg, "reference", torch.float64, off_policy=off_policy)
     out, actual = _run(cfg, "triton", torch.float32, off_policy=off_policy)

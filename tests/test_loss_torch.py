@@ -23,7 +23,7 @@ from grpo_fast import reference as R
 from grpo_fast.ops import token_stats as ts_mod
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,7 +94,7 @@ SHAPES = [(2, 5, 37), (3, 4, 1001), (3, 1, 37), (1, 7, 37), (4, 37, 53)]
 @pytest.mark.parametrize("temperature", (1.0, 0.7, 1.5))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_three_way_shapes(shape, temperature, dtype):
-    cfg = LossConfig(beta=0.04, temperature=temperature, entropy_coef=0.05)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, temperature=temperature, entropy_coef=0.05)
     inputs = _make(sum(shape), *shape, dtype, temperature=temperature)
     _three_way(cfg, inputs, f"{shape} tau={temperature}")
 
@@ -160,7 +160,7 @@ def _extreme_inputs(kind, dtype, tau, b=2, t=3, v=37):
 @pytest.mark.parametrize("kind", list(EXTREME))
 def test_extreme_logits(kind, coef, tau, dtype):
     inputs = _extreme_inputs(kind, dtype, tau)
-    cfg = LossConfig(beta=0.04, entropy_coef=coef, temperature=tau)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=coef, temperature=tau)
     label = f"{kind} entropy_coef={coef} tau={tau}"
     representable = EXTREME[kind] and tau == 1.0
     exact, fast, plain = _exact(cfg, *inputs), _fast(cfg, *inputs), _plain(cfg, *inputs)
@@ -201,7 +201,7 @@ def test_neg_inf_logits_off_target(coef):
     banned[[0, 5, 36]] = True
     ids[ids.unsqueeze(-1).eq(torch.nonzero(banned).squeeze(1)).any(-1)] = 1
     logits[..., banned] = float("-inf")
-    cfg = LossConfig(beta=0.04, entropy_coef=coef, temperature=0.7)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=coef, temperature=0.7)
     fast = _fast(cfg, *inputs)
     # Exact: -inf replaced by -1e4, whose probability is exactly 0 in float64 as well.
     finite = [logits.masked_fill(logits.isneginf(), -1e4)] + inputs[1:]
@@ -230,7 +230,7 @@ def test_all_tokens_masked(loss_type, backend):
 def test_empty_batch(backend, b, t):
     logits = torch.randn(b, t, 37, requires_grad=True)
     ids = torch.zeros(b, t, dtype=torch.long)
-    cfg = LossConfig(beta=0.04, entropy_coef=0.1)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=0.1)
     out = grpo_fast.grpo_loss(logits, ids, torch.zeros(b), None, None, torch.zeros(b, t), config=cfg, backend=backend)
     assert float(out.loss.detach()) == 0.0 and out.logprobs.shape == (b, t)
     out.loss.backward()
@@ -245,7 +245,7 @@ def test_non_contiguous_logits():
     g = torch.Generator().manual_seed(9)
     big = torch.randn(b, t + 1, v, generator=g)
     _, ids, adv, mask, old, ref = _make(9, b, t, v, F32)
-    cfg = LossConfig(beta=0.04, entropy_coef=0.05, temperature=0.7)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=0.05, temperature=0.7)
     contiguous = _fast(cfg, big[:, :-1].contiguous(), ids, adv, mask, old, ref)
     # A (B, T, V) view with a row stride of (T + 1) * V: the usual logits[:, :-1] of a causal LM.
     leaf = big.clone().requires_grad_()
@@ -266,7 +266,7 @@ def test_non_contiguous_logits():
 
 @pytest.mark.parametrize("dtype", (F32, BF16), ids=str)
 def test_inplace_backward(dtype):
-    cfg = LossConfig(beta=0.04, entropy_coef=0.05, temperature=0.7)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=0.05, temperature=0.7)
     inputs = _make(11, 3, 5, 37, dtype, temperature=0.7)
     expected = _fast(cfg, *inputs)
     x = inputs[0].clone()
@@ -294,7 +294,7 @@ def test_inplace_backward(dtype):
 def test_chunk_boundaries(monkeypatch, chunk_rows):
     monkeypatch.setenv("GRPO_FAST_EAGER", "1")  # the row-chunked eager forward (CPU's default is compiled)
     v = 37
-    cfg = LossConfig(beta=0.04, entropy_coef=0.05, temperature=0.7)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=0.05, temperature=0.7)
     inputs = _make(13, 4, 6, v, F32, temperature=0.7)
     exact = _exact(cfg, *inputs)
     whole = _fast(cfg, *inputs)
@@ -358,7 +358,7 @@ def test_token_logprobs(return_entropy, with_mask, dtype):
 def test_poisoned_masked_rows_give_exact_zeros():
     # NaN in the logits of masked rows: the torch backend never reads them (no vocabulary pass), so
     # log-probs, entropies and gradients there are exactly 0 and nothing else is contaminated.
-    cfg = LossConfig(beta=0.04, entropy_coef=0.1, temperature=0.7)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=0.1, temperature=0.7)
     inputs = list(_make(19, 4, 5, 37, F32, temperature=0.7))
     clean = _fast(cfg, *inputs)
     inputs[0] = inputs[0].clone()
@@ -375,7 +375,7 @@ def test_poisoned_masked_rows_give_exact_zeros():
 def test_padding_ids_at_masked_positions(backend):
     # Ids are validated only where the mask is 1 (validation.check_ids), so padding ids such as -100
     # (the HF ignore index) at masked positions are accepted and must be ignored by every backend.
-    cfg = LossConfig(beta=0.04)
+    cfg = LossConfig(loss_type="grpo", beta=0.04)
     inputs = list(_make(21, 3, 5, 37, F32))
     padded = inputs[1].masked_fill(inputs[3] == 0, -100)
     ok = inputs[1].masked_fill(inputs[3] == 0, 0)

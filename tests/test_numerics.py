@@ -378,8 +378,8 @@ def test_linear_vocabulary_262144_torch_backend():
     bias = torch.zeros(v)
     bias[::2] = NEG_INF  # half the vocabulary banned
     ids = torch.tensor([[1, v - 1]])
-    out = gf.linear_grpo_loss(hidden, weight, ids, torch.ones(1), bias=bias, config=gf.LossConfig(beta=0.0),
-                              backend="torch")  # fmt: skip
+    cfg = gf.LossConfig(loss_type="grpo", beta=0.0)
+    out = gf.linear_grpo_loss(hidden, weight, ids, torch.ones(1), bias=bias, config=cfg, backend="torch")
     out.loss.backward()
     _assert_finite("V=262144 linear", out.loss, hidden.grad, weight.grad, out.logprobs, *out.metrics.values())
     assert not weight.grad[::2].any()
@@ -391,7 +391,9 @@ def test_linear_reference_backend_empty_batch():
     branches, and the loss through ``_finish_linear`` (else a mean over no sequences is NaN)."""
     hidden = torch.zeros(0, 4, H, requires_grad=True)
     weight, ids = torch.randn(37, H), torch.zeros(0, 4, dtype=torch.long)
-    out = gf.linear_grpo_loss(hidden, weight, ids, torch.zeros(0), config=gf.LossConfig(beta=0.0), backend="reference")
+    out = gf.linear_grpo_loss(
+        hidden, weight, ids, torch.zeros(0), config=gf.LossConfig(loss_type="grpo", beta=0.0), backend="reference"
+    )
     assert float(out.loss.detach()) == 0.0
     assert gf.linear_token_logprobs(hidden.detach(), weight, ids, backend="reference").logprobs.shape == (0, 4)
 
@@ -412,14 +414,17 @@ def test_nan_or_inf_in_a_used_logit_is_not_hidden(backend, bad):
     silently wrong finite number."""
     x = _finite_inputs()
     x["logits"][1, 2, 4] = bad
-    out = gf.grpo_loss(x["logits"], x["ids"], x["adv"], None, x["old"], x["ref"], backend=backend)
+    cfg = gf.LossConfig(loss_type="grpo", beta=0.04)
+    out = gf.grpo_loss(x["logits"], x["ids"], x["adv"], None, x["old"], x["ref"], config=cfg, backend=backend)
     assert math.isnan(float(out.loss.detach()))
 
 
 # (function, argument to poison, index, value, expected message); every call otherwise finite.
 def _grpo(x, backend, **over):
     args = {"completion_mask": None, "old_logprobs": x["old"], "ref_logprobs": x["ref"], **over}
-    return gf.grpo_loss(x["logits"], x["ids"], x["adv"], config=gf.LossConfig(beta=0.04), backend=backend, **args)
+    return gf.grpo_loss(
+        x["logits"], x["ids"], x["adv"], config=gf.LossConfig(loss_type="grpo", beta=0.04), backend=backend, **args
+    )
 
 
 DEBUG_CASES = {
@@ -519,7 +524,7 @@ def test_debug_mode_linear(case, backend):
     with debug.detect_nonfinite():
         with pytest.raises(ValueError, match=message):
             gf.linear_grpo_loss(x["hidden"], x["weight"], x["ids"], adv, bias=x["bias"], backend=backend,
-                                config=gf.LossConfig(beta=0.0))  # fmt: skip
+                                config=gf.LossConfig(loss_type="grpo", beta=0.0))  # fmt: skip
         with pytest.raises(ValueError, match=message):
             gf.linear_token_logprobs(x["hidden"], x["weight"], x["ids"], x["bias"], backend=backend)
 
@@ -571,10 +576,10 @@ def test_linear_fp16_logits_beyond_fp16_range(backend):
     assert float(exact.abs().max()) > 65504
     ids = torch.randint(0, 29, (2, 3), generator=g)
     h = hidden.clone().requires_grad_()
-    out = gf.linear_grpo_loss(h, weight, ids, torch.tensor([1.0, -1.0]), config=gf.LossConfig(beta=0.0),
-                              backend=backend)  # fmt: skip
+    cfg = gf.LossConfig(loss_type="grpo", beta=0.0)
+    out = gf.linear_grpo_loss(h, weight, ids, torch.tensor([1.0, -1.0]), config=cfg, backend=backend)
     out.loss.backward()
     _assert_finite(f"fp16 head, {backend}", out.loss, h.grad, out.logprobs)
     expected = gf.reference.token_logprobs(exact, ids)
-    err = float((out.logprobs.double() - expected).abs().max())
+    err = float((out.logprobs.detach().double() - expected).abs().max())
     assert err <= 1e-6 * float(expected.abs().max()) + 1e-3, err

@@ -22,7 +22,7 @@ from grpo_fast import LossConfig  # noqa: E402
 from grpo_fast import reference as R  # noqa: E402
 
 F32, BF16 = torch.float32, torch.bfloat16
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 PPO = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 

@@ -21,7 +21,7 @@ from grpo_fast import LossConfig
 from grpo_fast import reference as R
 
 F64 = torch.float64
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 PPO = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
@@ -90,7 +90,7 @@ def test_hand_grpo_token_level_clipped():
     l0 = -min(r0 * a, 1.2 * a)  # = -0.6
     l1 = -min(r1 * a, r1 * a)
     assert l0 == pytest.approx(-0.6)
-    loss, metrics, logp = _loss(LossConfig(beta=0.0), [a], [old0, old1])
+    loss, metrics, logp = _loss(LossConfig(loss_type="grpo", beta=0.0), [a], [old0, old1])
     _close(loss, (l0 + l1) / 2)
     _close(logp[0], [lp0, lp1], "logprob")
     _close(metrics["clip_ratio/high_mean"], 0.5, "metric")
@@ -108,12 +108,12 @@ def test_hand_negative_advantage_low_clip_and_delta():
     # PPO: -min(r A, clip(r) A); for A < 0 the larger ratio gives the smaller product.
     l0 = -min(r0 * a, 1.2 * a)  # = -r0 * a
     l1 = -min(r1 * a, 0.8 * a)  # = -0.8 * a
-    loss, metrics, _ = _loss(LossConfig(beta=0.0), [a], [old0, old1])
+    loss, metrics, _ = _loss(LossConfig(loss_type="grpo", beta=0.0), [a], [old0, old1])
     _close(loss, (l0 + l1) / 2)
     _close(metrics["clip_ratio/low_mean"], 0.5, "metric")
     _close(metrics["clip_ratio/high_mean"], 0.0, "metric")
     # INTELLECT-2 delta caps the unclipped ratio: r0 -> 1.3.
-    loss_d, _, _ = _loss(LossConfig(beta=0.0, delta=1.3), [a], [old0, old1])
+    loss_d, _, _ = _loss(LossConfig(loss_type="grpo", beta=0.0, delta=1.3), [a], [old0, old1])
     _close(loss_d, (-min(1.3 * a, 1.2 * a) + l1) / 2)
 
 
@@ -160,7 +160,7 @@ def test_hand_sequence_level_gspo():
     assert s > 1.2
     l = -min(s * a, 1.2 * a)
     loss, metrics, logp = _loss(
-        LossConfig(beta=0.0, importance_sampling_level="sequence"), [a], [old0, old1], mask=(1, 0)
+        LossConfig(loss_type="grpo", beta=0.0, importance_sampling_level="sequence"), [a], [old0, old1], mask=(1, 0)
     )
     _close(loss, l)
     _close(logp[0], [lp0, lp1], "logprob")
@@ -199,6 +199,74 @@ def test_hand_sapo():
     _close(loss, ((s0 + s0) / 2 + s1) / 2, "loss: sapo on-policy")
 
 
+def _hand_phi(log_w, k, lam):
+    log_w = min(max(log_w, math.log(1e-8)), 20.0)
+    return math.exp(lam + k * log_w - lam * math.exp(log_w))
+
+
+def test_hand_vespo_weight_loss_gradient_and_ratio():
+    # VESPO: w = exp(sum_t (logp - old) + sum_t log rho) per sequence, phi = exp(lam + k log w - lam w),
+    # l_t = -sg(phi) A logp_t, normalised like dapo (tokens in the batch).
+    lp = [_hand_logp(LOGITS[0], 1), _hand_logp(LOGITS[1], 2)]
+    old = [-0.9, -0.1]
+    rho = [0.8, 1.3]
+    for a, k, lam in ((0.7, 2.0, 3.0), (-1.5, 3.0, 2.0)):  # A >= 0: (k_pos, lambda_pos); A < 0: the negatives
+        for ratio in (None, rho):
+            log_w = sum(lp[t] - old[t] for t in range(2)) + (0.0 if ratio is None else sum(map(math.log, ratio)))
+            phi = _hand_phi(log_w, k, lam)
+            assert abs(phi - 1) > 0.05  # off-policy: a weight that matters
+            logits = torch.tensor([LOGITS], dtype=F64, requires_grad=True)
+            kw = {} if ratio is None else {"importance_ratio": torch.tensor([ratio], dtype=F64)}
+            cfg = LossConfig(loss_type="vespo", beta=0.0)
+            loss, metrics, _ = R.grpo_loss(logits, torch.tensor([IDS]), torch.tensor([a], dtype=F64),
+                                           old_logprobs=torch.tensor([old], dtype=F64), config=cfg, **kw)  # fmt: skip
+            what = f"A={a} rho={ratio}"
+            _close(loss, -phi * a * (lp[0] + lp[1]) / 2, f"loss: vespo {what}")
+            _close(metrics["vespo/phi_seq_mean"], phi, f"metric: phi {what}")
+            assert not any(key.startswith("clip_ratio") for key in metrics)
+            loss.backward()  # phi is a constant: d l / d z = -phi A / 2 (onehot - p)
+            expected = []
+            for t, row in enumerate(LOGITS):
+                lse = math.log(sum(math.exp(z) for z in row))
+                expected.append([-phi * a / 2 * ((v == IDS[t]) - math.exp(z - lse)) for v, z in enumerate(row)])
+            _close(logits.grad[0], expected, f"grad: vespo {what}")
+
+
+def test_hand_vespo_masked_token_clamps_and_custom_gamma():
+    # A masked token counts neither in w nor through its rollout ratio; k / lambda are the config's;
+    # log w is clamped to [log 1e-8, 20] (a far off-policy sequence gets phi ~ 0, never NaN).
+    lp0 = _hand_logp(LOGITS[0], 1)
+    cfg = LossConfig(loss_type="vespo", beta=0.0, vespo_k_pos=0.5, vespo_lambda_pos=1.7)
+    ratio = torch.tensor([[1.2, 1e-30]], dtype=F64)
+    loss, metrics, _ = _loss(cfg, [0.4], [-1.0, 5.0], mask=(1.0, 0.0), importance_ratio=ratio)
+    phi = _hand_phi(lp0 + 1.0 + math.log(1.2), 0.5, 1.7)
+    _close(loss, -phi * 0.4 * lp0)
+    _close(metrics["vespo/phi_seq_mean"], phi, "metric")
+    for old, expected in ((-60.0, _hand_phi(20.0, 2.0, 3.0)), (60.0, _hand_phi(math.log(1e-8), 2.0, 3.0))):
+        loss, metrics, _ = _loss(LossConfig(loss_type="vespo", beta=0.0), [1.0], [old, old])
+        assert torch.isfinite(loss) and float(metrics["vespo/phi_seq_mean"]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_hand_policy_mask_and_entropy_mask():
+    # policy_mask multiplies the policy term only (not KL, not the normaliser); entropy_mask picks the tokens the
+    # bonus averages over (TRL's high-entropy mask), while the entropy metric stays the mean over the mask.
+    lp0, lp1 = _hand_logp(LOGITS[0], 1), _hand_logp(LOGITS[1], 2)
+    ref0, ref1 = lp0 - 0.3, lp1 + 0.2
+    k3 = [math.exp(x) - x - 1 for x in (-0.3, 0.2)]
+    h0, h1 = _hand_entropy(LOGITS[0]), _hand_entropy(LOGITS[1])
+    a, beta, coef = 0.25, 0.1, 0.05
+    cfg = LossConfig(loss_type="grpo", beta=beta, entropy_coef=coef)
+    keep, bonus = torch.tensor([[0.0, 1.0]], dtype=F64), torch.tensor([[1.0, 0.0]], dtype=F64)
+    loss, metrics, _ = _loss(cfg, [a], [lp0, lp1], ref=[ref0, ref1], policy_mask=keep, entropy_mask=bonus)
+    per_token = [0.0 + beta * k3[0], -a + beta * k3[1]]  # on-policy: ratio 1, token 0's policy term dropped
+    _close(loss, sum(per_token) / 2 - coef * h0)
+    _close(metrics["entropy"], (h0 + h1) / 2, "metric")
+    # a (B, 1) sequence mask of 0 leaves only the KL term; an empty entropy mask gives no bonus
+    loss, _, _ = _loss(cfg, [a], [lp0, lp1], ref=[ref0, ref1], policy_mask=torch.zeros(1, 1, dtype=F64),
+                       entropy_mask=torch.zeros(1, 2, dtype=F64))  # fmt: skip
+    _close(loss, beta * (k3[0] + k3[1]) / 2)
+
+
 def test_hand_kl_estimators_and_entropy_bonus():
     lp0, lp1 = _hand_logp(LOGITS[0], 1), _hand_logp(LOGITS[1], 2)
     ref0, ref1 = lp0 - 0.3, lp1 + 0.2
@@ -212,7 +280,7 @@ def test_hand_kl_estimators_and_entropy_bonus():
     a, beta, coef = 0.25, 0.1, 0.05
     h = (_hand_entropy(LOGITS[0]) + _hand_entropy(LOGITS[1])) / 2
     for est, values in kl.items():
-        cfg = LossConfig(beta=beta, kl_estimator=est, entropy_coef=coef)
+        cfg = LossConfig(loss_type="grpo", beta=beta, kl_estimator=est, entropy_coef=coef)
         loss, metrics, _ = _loss(cfg, [a], [lp0, lp1], ref=[ref0, ref1])
         per_token = [-a + beta * k for k in values]  # old == logp: ratio 1
         _close(loss, sum(per_token) / 2 - coef * h, f"loss: {est}")
@@ -237,7 +305,7 @@ def test_hand_bias_corrected_kl_and_rollout_ratio():
     k3 = [math.exp(x) - x - 1 for x in (0.3, -0.4)]
     rho = [0.5, 2.0]
     per_token = [rho[t] * -(r[t] * a) + beta * k3[t] * r[t] for t in range(2)]
-    cfg = LossConfig(beta=beta, use_bias_correction_kl=True)
+    cfg = LossConfig(loss_type="grpo", beta=beta, use_bias_correction_kl=True)
     ratio = torch.tensor([rho], dtype=F64)
     loss, metrics, _ = _loss(cfg, [a], [old0, old1], ref=[ref0, ref1], importance_ratio=ratio)
     _close(loss, sum(per_token) / 2)
@@ -298,6 +366,15 @@ def _gradcheck_inputs(seed, b=2, t=3, v=5):
     return logits.requires_grad_(), ids, adv, mask, old, ref, ratio
 
 
+def _vespo_constant_phi(logits, ids, mask, tau, cfg):
+    """vespo's weight is detached by design, so a finite difference agrees with the analytic gradient only
+    where phi is locally constant: old 12 nats above logp clamps log w at log 1e-8, and k = 0 leaves
+    phi = exp(lambda (1 - 1e-8)) (the unclamped weight is checked by hand and against TRL)."""
+    old = R.token_logprobs(logits.detach(), ids, tau) + 12.0
+    assert bool(((R.token_logprobs(logits.detach(), ids, tau) - old) * mask).sum(-1).le(-20).all())
+    return old, cfg.replace(vespo_k_pos=0.0, vespo_k_neg=0.0)
+
+
 KL_OPTIONS = (("off", None), ("k1", False), ("k2", False), ("k3", False), ("low_var_kl", False), ("k3", True))
 # delta is accepted (and, as in TRL, ignored) by cispo and sapo: those cases check it changes nothing.
 GRADCHECK_CASES = list(itertools.product(LOSS_TYPES, ("token", "sequence"), (False, True), KL_OPTIONS))
@@ -323,6 +400,8 @@ def test_gradcheck_grpo_loss(loss_type, level, delta, kl):
     )
     if loss_type == "cispo":
         assert bool((torch.exp(R.token_logprobs(logits, ids, 0.7) - old) > 0.3).all())
+    if loss_type == "vespo":
+        old, cfg = _vespo_constant_phi(logits, ids, mask, 0.7, cfg)
 
     def f(x, c=cfg):
         return R.grpo_loss(x, ids, adv, mask, old, ref, c, importance_ratio=ratio, num_items_in_batch=9)[0]
@@ -337,9 +416,13 @@ def test_gradcheck_grpo_loss_defaults(loss_type):
     # temperature 1, no entropy bonus, no rollout ratio, (B, T) advantages.
     logits, ids, _, mask, old, ref, _ = _gradcheck_inputs(seed=3)
     adv = torch.randn(2, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
-    cfg = LossConfig(loss_type=loss_type, max_completion_length=3, epsilon_high=0.3 if loss_type == "cispo" else None)
+    cfg = LossConfig(
+        beta=0.04, loss_type=loss_type, max_completion_length=3, epsilon_high=0.3 if loss_type == "cispo" else None
+    )
     if loss_type == "cispo":
         assert bool((torch.exp(R.token_logprobs(logits, ids) - old) > 0.3).all())
+    if loss_type == "vespo":
+        old, cfg = _vespo_constant_phi(logits, ids, mask, 1.0, cfg)
 
     def f(x):
         return R.grpo_loss(x, ids, adv, mask, old, ref, cfg)[0]
@@ -384,7 +467,7 @@ def test_logprobs_invariant_to_vocab_permutation():
     assert_close(R.token_logprobs(permuted, inv[ids]), R.token_logprobs(logits, ids), F64, "logprob")
     assert_close(R.token_entropy(permuted), R.token_entropy(logits), F64, "entropy")
     # The whole loss (and its gradient, permuted back) is invariant too.
-    cfg = LossConfig(beta=0.0, entropy_coef=0.1)
+    cfg = LossConfig(loss_type="grpo", beta=0.0, entropy_coef=0.1)
     adv = torch.randn(3, generator=g, dtype=F64)
     x1, x2 = logits.clone().requires_grad_(), permuted.clone().requires_grad_()
     l1 = R.grpo_loss(x1, ids, adv, config=cfg)[0]
@@ -410,7 +493,7 @@ def test_on_policy_ratio_is_one_but_gradient_flows():
     log_w = R.log_importance_weights(logp, logp.detach(), mask, "token", 20.0)
     assert bool((torch.exp(log_w) == 1).all())  # exactly 1, not approximately
     adv = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
-    loss, metrics = R.grpo_objective(logp, None, adv, mask, config=LossConfig(beta=0.0))
+    loss, metrics = R.grpo_objective(logp, None, adv, mask, config=LossConfig(loss_type="grpo", beta=0.0))
     assert metrics["clip_ratio/region_mean"] == 0
     _close(loss, -float(adv.mean()))
     loss.backward()
@@ -439,7 +522,7 @@ def test_aggregation_weights_match_aggregate(loss_type, num_items):
     mask = (torch.rand(4, 6, generator=g) > 0.4).to(F64)
     mask[2] = 0  # a fully masked row
     for ga, spg in ((1, None), (2, None), (2, 4)):
-        cfg = LossConfig(loss_type=loss_type, max_completion_length=7, gradient_accumulation_steps=ga)
+        cfg = LossConfig(beta=0.04, loss_type=loss_type, max_completion_length=7, gradient_accumulation_steps=ga)
         cfg = cfg.replace(steps_per_generation=spg)
         w = R.aggregation_weights(mask, cfg, num_items)
         assert_close((w * l).sum(), R.aggregate(l, mask, cfg, num_items), F64, f"loss: {loss_type} ga={ga}")
@@ -531,7 +614,7 @@ def test_reference_masked_outputs_are_zero():
     mask[0] = 0
     mask[1, 2:] = 0
     x = logits.clone().requires_grad_()
-    cfg = LossConfig(beta=0.04, entropy_coef=0.1)
+    cfg = LossConfig(loss_type="grpo", beta=0.04, entropy_coef=0.1)
     ref = R.token_logprobs(logits, ids) + 0.1
     loss, _, logp = R.grpo_loss(x, ids, torch.randn(3, generator=g, dtype=F64), mask, ref_logprobs=ref, config=cfg)
     loss.backward()

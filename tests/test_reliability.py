@@ -505,12 +505,12 @@ def test_cli_list_for_a_number(tmp_path, capsys):
 
 def test_cli_dataset_without_prompt_column_keeps_the_runs_config(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"question": "1+2=", "answer": "3"}\n')
+    data.write_text('{"query": "1+2=", "answer": "3"}\n')  # (a "question" column would be taken as the prompt)
     run = tmp_path / "run"
     run.mkdir()
     (run / "grpo_config.yaml").write_text("the earlier run's config\n")
     one_error_line(capsys, 2, ["train", "--config", cli_config(tmp_path, dataset=str(data))],
-                   r"train_dataset needs a 'prompt' column")  # fmt: skip
+                   rf"{re.escape(str(data))} has no 'prompt' column \(prompt_column; its columns: query")  # fmt: skip
     assert (run / "grpo_config.yaml").read_text() == "the earlier run's config\n"
 
 

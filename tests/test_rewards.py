@@ -1,20 +1,33 @@
 """Rule-based rewards and the reward-function protocol."""
 
+import importlib.util
+import logging
 import math
+import sys
+import time
 
 import pytest
 
+from grpo_fast.trainer import rewards
 from grpo_fast.trainer.rewards import (
     RewardFunctionError,
+    RewardTimeoutError,
     accuracy_reward,
+    answer_matcher,
     answers_match,
     call_reward_function,
     extract_answer,
     format_reward,
     get_reward_function,
+    gold_answer,
+    make_format_reward,
+    math_verify_match,
     score_completions,
     soft_overlong_punishment,
 )
+
+HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
+needs_math_verify = pytest.mark.skipif(not HAS_MATH_VERIFY, reason="needs math-verify (pip install 'grpo-fast[math]')")
 
 
 @pytest.mark.parametrize(
@@ -121,3 +134,141 @@ def test_builtin_names():
     assert get_reward_function("accuracy") is accuracy_reward
     with pytest.raises(ValueError, match="unknown reward function 'acc'"):
         get_reward_function("acc")
+
+
+@pytest.mark.parametrize(
+    "gold, expected",
+    [
+        ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
+        ("#### 1,000\n", "1,000"),
+        ("so it is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("\\boxed{3", None),  # unbalanced
+        (" 42 ", "42"),
+    ],
+)
+def test_gold_answer_extracts_gsm8k_and_boxed_forms(gold, expected):
+    assert gold_answer(gold) == expected
+
+
+# (completion, gold, a person's score, the plain normaliser's score): GSM8K and MATH-style answers, right
+# and wrong; math-verify scores every row as a person would, the plain normaliser misses the LaTeX ones
+TABLE = [
+    ("<answer>72</answer>", "Natalia sold 48/2 = 24 clips in May.\n#### 72", 1, 1),
+    ("<answer>72</answer>", "#### 73", 0, 0),
+    ("So she earned $10.", "#### 10", 1, 1),
+    ("The total is 1,000 dollars", "#### 1000", 1, 1),
+    ("<answer>18.0</answer>", "#### 18", 1, 1),
+    ("the answer is 5", "#### 6", 0, 0),
+    ("I cannot tell.", "#### 4", 0, 0),
+    ("<answer>50%</answer>", "50", 1, 1),
+    ("<answer>\\frac{1}{2}</answer>", "0.5", 1, 0),
+    ("\\boxed{0.5}", "\\boxed{\\frac{1}{2}}", 1, 0),
+    ("\\boxed{\\frac{2}{4}}", "\\frac{1}{2}", 1, 0),
+    ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}", 0, 0),
+    ("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", 1, 0),
+    ("\\boxed{2\\sqrt{3}}", "2\\sqrt{2}", 0, 0),
+    ("\\boxed{x = 2}", "2", 1, 0),
+    ("\\boxed{x = 3}", "2", 0, 0),
+    ("\\boxed{10^{3}}", "1000", 1, 0),
+    ("\\boxed{10^{4}}", "1000", 0, 0),
+    ("\\boxed{\\{1, 2\\}}", "\\{2, 1\\}", 1, 0),
+    ("\\boxed{\\{1, 3\\}}", "\\{2, 1\\}", 0, 0),
+    ("\\boxed{[0, 1)}", "[0,1)", 1, 0),
+    ("\\boxed{(0, 1)}", "[0,1)", 0, 0),
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", 1, 0),
+    ("\\boxed{0.75}", "\\frac{3}{4}", 1, 0),
+    ("\\boxed{\\pi}", "\\pi", 1, 1),
+    ("\\boxed{3.14}", "\\pi", 0, 0),
+    ("\\boxed{25\\%}", "\\frac{1}{4}", 1, 0),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5", 1, 0),
+    ("\\boxed{\\frac{1}{2}}", "-0.5", 0, 0),
+    ("\\boxed{2x + 2}", "2(x+1)", 1, 0),
+    ("\\boxed{2x + 1}", "2(x+1)", 0, 0),
+    ("\\boxed{3}", "The answer is \\boxed{3}.", 1, 1),
+    ("\\boxed{-3}", "The answer is \\boxed{3}.", 0, 0),
+    ("<think>12 * 6</think><answer>72</answer>", "#### 72", 1, 1),
+]
+
+
+@needs_math_verify
+@pytest.mark.parametrize("completion, gold, human, plain", TABLE)
+def test_math_verify_scores_as_a_person_would(completion, gold, human, plain):
+    assert math_verify_match(extract_answer(completion), gold) is bool(human)
+
+
+@pytest.mark.parametrize("completion, gold, human, plain", TABLE)
+def test_plain_normaliser_scores_plain_answers_and_misses_latex(completion, gold, human, plain):
+    assert answers_match(extract_answer(completion), gold) is bool(plain)
+    assert not plain or human  # it never accepts a wrong answer
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_accuracy_says_once_which_matcher_it_uses(caplog, monkeypatch, installed):
+    if installed and not HAS_MATH_VERIFY:
+        pytest.skip("needs math-verify (pip install 'grpo-fast[math]')")
+    if not installed:
+        monkeypatch.setitem(sys.modules, "math_verify", None)  # as if not installed: find_spec gives None
+    answer_matcher.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="grpo_fast.trainer.rewards"):
+        first = accuracy_reward(None, ["\\boxed{0.5}"], answer=["\\frac{1}{2}"])
+        accuracy_reward(None, ["\\boxed{0.5}"], answer=["\\frac{1}{2}"])
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("accuracy:")]
+    assert len(said) == 1
+    answer_matcher.cache_clear()  # the next test finds what is installed again
+    if installed:
+        assert "math-verify" in said[0] and first == [1.0]
+    else:
+        assert "plain normaliser" in said[0] and "grpo-fast[math]" in said[0] and first == [0.0]
+
+
+@needs_math_verify
+def test_two_plain_numbers_are_compared_without_parsing(monkeypatch):
+    """GSM8K's and the toy task's answers are plain numbers: math-verify's parse (ms each) is not called."""
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr("math_verify.parse", no_parse)
+    assert not math_verify_match("1,258", "#### 1259") and not math_verify_match("-3.5", "3.5")
+    assert math_verify_match("$1,258", "#### 1258")
+    with pytest.raises(AssertionError, match="parsed"):
+        math_verify_match("\\frac{1}{2}", "0.5")
+
+
+@needs_math_verify
+def test_math_verify_works_in_the_reward_timeout_thread():
+    """With reward_timeout the reward runs in a worker thread, where math-verify's SIGALRM limits cannot be set."""
+    completions = ["\\boxed{\\sqrt{8}}", "\\boxed{3}", "<answer>x = 2</answer>"]
+    out = call_reward_function(accuracy_reward, [None] * 3, completions, {"answer": ["2\\sqrt{2}", "4", "2"]}, 60)
+    assert out == [1.0, 0.0, 1.0]
+
+
+def test_reward_timeout_cuts_a_hanging_verification(monkeypatch):
+    def hanging(predicted, gold):
+        while True:  # a verification that never returns (pure Python: the thread can be abandoned)
+            time.sleep(0.01)
+
+    monkeypatch.setattr(rewards, "answer_matcher", lambda: hanging)
+    start = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match="'accuracy_reward' did not return within the 0.5 s"):
+        call_reward_function(accuracy_reward, ["p"], ["<answer>1</answer>"], {"answer": ["1"]}, timeout=0.5)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    "style, good, bad",
+    [
+        ("think_answer", ["<think>a</think><answer>1</answer>"], ["<think>a</think> 1", "\\boxed{1}"]),
+        ("think", ["<think>a</think>\n\nThe answer is 1.", "  <think>\nx</think>1"],
+         ["<think>a</think>", "<think>a</think>  \n", "1", "<think>a</think> 1 <think>b</think>"]),
+        ("boxed", ["<think>a</think> so \\boxed{1}", "It is \\boxed{\\frac{1}{2}}."],
+         ["<think>\\boxed{1}</think> 1", "\\boxed{}", "\\boxed{1", "1"]),
+    ],
+)  # fmt: skip
+def test_format_styles(style, good, bad):
+    fn = make_format_reward(style)
+    assert fn.__name__ == "format_reward"  # one metric name whatever the style
+    assert fn(None, good + bad) == [1.0] * len(good) + [0.0] * len(bad)
+    assert get_reward_function("format", style)(None, good) == [1.0] * len(good)
+    with pytest.raises(ValueError, match="format_style must be one of"):
+        make_format_reward("xml")

@@ -405,3 +405,73 @@ def test_demo_writes_summary_and_curves(tmp_path, monkeypatch):
     assert (tmp_path / "curves.png").exists() and Path(tmp_path / "checkpoint-2").is_dir()
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- TRL 1.16 loss options (issue 35)
+
+
+def _two_steps(tmp_path, data, **changes) -> list[dict]:
+    """metrics.jsonl of a 2-step run with these GRPOConfig changes (num_iterations 2: off-policy second pass)."""
+    tok, model = tiny()
+    cfg = config(tmp_path, num_iterations=2, **changes)
+    GRPOTrainer(model, digit_share, cfg, data["train"], tokenizer=tok).train()
+    return [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "changes,check",
+    [
+        (  # vespo's weight leaves 1 once the batch is reused; the bias-corrected KL is logged
+            dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5, beta=0.04, use_bias_correction_kl=True),
+            lambda r: r["vespo/phi_seq_mean"] != 1.0 and 0 < r["vespo/phi_seq_mean"] and r["kl"] >= 0,
+        ),
+        (  # the entropy bonus over the top half of the tokens by entropy
+            dict(entropy_coef=0.01, top_entropy_quantile=0.5),
+            lambda r: r["entropy_coef"] == 0.01 and 0.3 < r["top_entropy_mask/kept_fraction"] < 0.7,
+        ),
+        (  # a negative threshold drops every sequence with A < 0 (mean KL estimate ~ 0 > -1); sapo, fp32 head
+            dict(off_policy_mask_threshold=-1.0, loss_type="sapo", sapo_temperature_neg=2.0, cast_lm_head_to_fp32=True),
+            lambda r: 0 < r["off_policy_mask/kept_fraction"] < 1,
+        ),
+    ],
+    ids=["vespo-bias-kl", "entropy-bonus-top-entropy", "off-policy-mask-sapo-fp32-head"],
+)
+def test_trl_loss_options_train_and_log_their_metric(tmp_path, data, changes, check):
+    lines = _two_steps(tmp_path, data, **changes)
+    assert [r["step"] for r in lines] == [1, 2]
+    for record in lines:
+        assert torch.isfinite(torch.tensor(record["loss"])) and check(record), record
+
+
+def test_trl_loss_options_reach_the_loss_config():
+    cfg = GRPOConfig(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=0.5, vespo_lambda_neg=4.0,
+                     sapo_temperature_pos=0.5, sapo_temperature_neg=3.0, use_bias_correction_kl=True,
+                     entropy_coef=-0.01, gradient_accumulation_steps=2)  # fmt: skip
+    loss = cfg.loss_config()
+    for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "sapo_temperature_pos",
+                 "sapo_temperature_neg", "use_bias_correction_kl", "entropy_coef"):  # fmt: skip
+        assert getattr(loss, name) == getattr(cfg, name), name
+    with pytest.raises(ValueError, match="vespo_lambda_neg"):
+        GRPOConfig(vespo_lambda_neg=0.0)
+    with pytest.raises(ValueError, match="top_entropy_quantile"):
+        GRPOConfig(top_entropy_quantile=0.0)
+
+
+def test_trl_only_keys_are_not_our_fields():
+    """A key in trl_keys.TRL_ONLY_KEYS is refused as TRL's: none may be one of our GRPOConfig fields."""
+    import dataclasses
+
+    from grpo_fast.trainer.trl_keys import TRL_ONLY_KEYS
+
+    ours = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert not ours & TRL_ONLY_KEYS, sorted(ours & TRL_ONLY_KEYS)
+    assert {"top_entropy_quantile", "off_policy_mask_threshold", "vespo_k_pos", "cast_lm_head_to_fp32"} <= ours
+
+
+def test_train_help_lists_the_trl_loss_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for key in ("use_bias_correction_kl", "sapo_temperature_pos", "vespo_lambda_neg", "entropy_coef",
+                "top_entropy_quantile", "off_policy_mask_threshold", "cast_lm_head_to_fp32"):  # fmt: skip
+        assert f"--{key}" in text, key

@@ -342,7 +342,9 @@ def test_glue_matches_torch_backend(deterministic):
     g = torch.Generator().manual_seed(10)
     adv, old = torch.randn(b_, generator=g), -3.0 + 0.3 * torch.randn(b_, t_, generator=g)
     ref = old + 0.2 * torch.randn(b_, t_, generator=g)
-    cfg = gf.LossConfig(importance_sampling_level="sequence", entropy_coef=0.05, temperature=0.7, beta=0.04)
+    cfg = gf.LossConfig(
+        loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.05, temperature=0.7, beta=0.04
+    )
     mask = active.float()
 
     def objective(logp, entropy):

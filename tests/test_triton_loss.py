@@ -13,7 +13,7 @@ import grpo_fast as gf
 from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.triton]
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 
 
@@ -45,6 +45,7 @@ CASES = list(itertools.product(LOSS_TYPES, ("token", "sequence"), (1.0, 0.7), (0
 @pytest.mark.parametrize("loss_type,level,tau,entropy_coef", CASES)
 def test_triton_matches_float64_reference_fp32(loss_type, level, tau, entropy_coef):
     cfg = gf.LossConfig(
+        beta=0.04,
         loss_type=loss_type,
         importance_sampling_level=level,
         temperature=tau,
@@ -65,7 +66,7 @@ def test_triton_matches_float64_reference_fp32(loss_type, level, tau, entropy_co
 
 @pytest.mark.parametrize("dtype", (F32, BF16), ids=str)
 def test_triton_low_precision_and_inplace(dtype):
-    cfg = gf.LossConfig(entropy_coef=0.1, temperature=1.3)
+    cfg = gf.LossConfig(loss_type="grpo", beta=0.04, entropy_coef=0.1, temperature=1.3)
     inputs = _inputs(100, v=257, dtype=dtype)
     exp, exp_grad = _run(cfg, "reference", *inputs)
     out, grad = _run(cfg, "triton", *inputs, inplace=True)
@@ -75,7 +76,7 @@ def test_triton_low_precision_and_inplace(dtype):
 
 
 def test_triton_t1_and_fully_masked_batch():
-    cfg = gf.LossConfig()
+    cfg = gf.LossConfig(loss_type="grpo", beta=0.04)
     big, ids, mask, adv, old, ref = _inputs(7, b=2, t=1, v=37)
     exp, exp_grad = _run(cfg, "reference", big, ids, torch.ones_like(mask), adv, old, ref)
     out, grad = _run(cfg, "triton", big, ids, torch.ones_like(mask), adv, old, ref)

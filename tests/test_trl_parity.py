@@ -34,7 +34,14 @@ from grpo_fast import LossConfig  # noqa: E402
 
 F32 = torch.float32
 B, T, V = 4, 6, 33
-MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+MEAN_METRICS = (
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "vespo/phi_seq_mean",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +70,10 @@ def _stand_in(cfg: LossConfig, logits: torch.Tensor, use_vllm: bool):
         use_bias_correction_kl=cfg.use_bias_correction_kl,
         sapo_temperature_pos=cfg.sapo_temperature_pos,
         sapo_temperature_neg=cfg.sapo_temperature_neg,
+        vespo_k_pos=cfg.vespo_k_pos,
+        vespo_lambda_pos=cfg.vespo_lambda_pos,
+        vespo_k_neg=cfg.vespo_k_neg,
+        vespo_lambda_neg=cfg.vespo_lambda_neg,
         steps_per_generation=cfg.steps_per_generation or cfg.gradient_accumulation_steps,
     )
     trainer = types.SimpleNamespace(
@@ -94,6 +105,7 @@ def _stand_in(cfg: LossConfig, logits: torch.Tensor, use_vllm: bool):
         return logps, entropies, None
 
     trainer._get_per_token_logps_and_entropies = types.MethodType(per_token_logps_and_entropies, trainer)
+    trainer.get_gamma_weights = GRPOTrainer.get_gamma_weights  # a staticmethod: TRL's vespo weights
     trainer.compute_loss = types.MethodType(GRPOTrainer._compute_loss, trainer)
     return trainer
 
@@ -109,7 +121,7 @@ def _inputs(seed: int, temperature: float, off_policy: bool = True):
     logp = selective_log_softmax_and_entropy(logits, ids, temperature=temperature)[0]
     old = logp + 0.35 * torch.randn(B, T, generator=g) if off_policy else None  # ratios well away from 1
     ref = logp + 0.25 * torch.randn(B, T, generator=g)
-    ratio = 0.5 + torch.rand(B, T, generator=g)
+    ratio = torch.where(mask > 0, 0.5 + torch.rand(B, T, generator=g), 1.0)  # 1 at padding, as TRL builds it
     return logits, ids, mask, adv, old, ref, ratio
 
 
@@ -154,11 +166,11 @@ def _run_ours(cfg, backend, logits, ids, mask, adv, old, ref, ratio, num_items):
     return out.loss.detach(), x.grad, {k: float(v) for k, v in out.metrics.items()}
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 def _cases():
-    base = dict(beta=0.04, temperature=0.7, max_completion_length=8)
+    base = dict(loss_type="grpo", beta=0.04, temperature=0.7, max_completion_length=8)
     cases = []
     for lt in LOSS_TYPES:
         for level in ("token", "sequence"):
@@ -210,6 +222,26 @@ def _cases():
             {"on_policy": True},
         ),  # fmt: skip
         ("grpo-rollout-ratio", dict(base), {"ratio": True}),
+        ("vespo-rollout-ratio-in-phi", dict(base, loss_type="vespo"), {"ratio": True}),
+        (
+            "vespo-bias-kl-ga2",
+            dict(base, loss_type="vespo", use_bias_correction_kl=True, gradient_accumulation_steps=2),
+            {"num_items": 31},
+        ),
+        (
+            "vespo-gamma-params-entropy",
+            dict(
+                base,
+                loss_type="vespo",
+                vespo_k_pos=0.5,
+                vespo_lambda_pos=1.7,
+                vespo_k_neg=1.25,
+                vespo_lambda_neg=0.6,
+                entropy_coef=0.05,
+            ),
+            {},
+        ),
+        ("vespo-on-policy", dict(base, loss_type="vespo"), {"on_policy": True}),
         (
             "dapo-seq-rollout-ratio",
             dict(base, loss_type="dapo", importance_sampling_level="sequence"),
@@ -298,3 +330,25 @@ def test_cispo_clip_ratio_metric(backend):
         F32,
         "metric",
     )
+
+
+def test_token_masks_match_trl():
+    """grpo_fast.objective's high-entropy and off-policy masks (our trainer's) equal TRL's on one process."""
+    from grpo_fast.objective import high_entropy_mask, off_policy_mask
+
+    accelerator = types.SimpleNamespace(pad_across_processes=lambda x, dim, pad_index: x, gather=lambda x: x)
+    trainer = types.SimpleNamespace(accelerator=accelerator)
+    logits, ids, mask, adv, old, _, _ = _inputs(3, 1.0)
+    logp, entropy = selective_log_softmax_and_entropy(logits, ids)
+    mask = mask.float()
+    for q in (0.2, 0.5, 0.9):
+        theirs = GRPOTrainer.get_high_entropy_mask(trainer, entropy, mask, 1.0 - q)
+        ours = high_entropy_mask(entropy, mask, q)
+        assert torch.equal(ours, theirs.float()), q
+        assert 0 < float(ours.sum()) < float(mask.sum())
+    for threshold in (-0.1, 0.0, 0.1):
+        theirs = GRPOTrainer.get_off_policy_mask(adv.unsqueeze(1), logp, old, mask, threshold)
+        ours = off_policy_mask(adv, logp, old, mask, threshold)
+        assert torch.equal(ours, theirs), threshold
+    assert float(off_policy_mask(adv, logp, old, mask, -1.0).sum()) == float((adv >= 0).sum())
+    assert torch.equal(high_entropy_mask(entropy, torch.zeros_like(mask), 0.5), torch.zeros_like(mask))

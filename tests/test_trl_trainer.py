@@ -160,14 +160,15 @@ def _inputs(
     if sampling:  # sequence 1 (A < 0) drifts far from the sampler, sequence 3 (A < 0) does not
         offsets = torch.tensor([0.0, 0.5, 0.0, -0.5]).unsqueeze(1)
         inputs["sampling_per_token_logps"] = (logp + offsets) * completion_mask
-    if vllm == "token":
-        inputs["importance_sampling_ratio"] = 0.5 + torch.rand(B, t, generator=g)
-    elif vllm == "sequence":
-        inputs["importance_sampling_ratio"] = 0.5 + torch.rand(B, 1, generator=g)
     if tool_mask:
         tools = torch.ones(B, t, dtype=torch.int64)
         tools[1, 1:3] = 0  # tokens a tool wrote: attended to, not trained on
         inputs["tool_mask"] = tools
+    if vllm == "token":  # 1 where the mask is 0, as TRL builds it (exp of a masked log-ratio difference)
+        ratio = 0.5 + torch.rand(B, t, generator=g)
+        inputs["importance_sampling_ratio"] = torch.where(completion_mask * inputs.get("tool_mask", 1) > 0, ratio, 1.0)
+    elif vllm == "sequence":
+        inputs["importance_sampling_ratio"] = 0.5 + torch.rand(B, 1, generator=g)
     return inputs
 
 
@@ -197,7 +198,7 @@ def _assert_same(name, ours, theirs):
     assert float(torch.stack([g.abs().sum() for g in trl_grads.values()]).sum()) > 0, f"{name}: vacuous"
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 KL = dict(beta=0.04)
 
 
@@ -246,6 +247,38 @@ def _cases():
         ("dapo-token-advantages", dict(KL, loss_type="dapo"), {"token_advantages": True}),
         ("grpo-one-token", dict(KL), {"completion_len": 1}),
         ("grpo-cast-lm-head-fp32", dict(KL, cast_lm_head_to_fp32=True), {}),
+        ("vespo-vllm-token-ratio-in-phi", dict(KL, loss_type="vespo"), {"vllm": "token"}),
+        (
+            "vespo-gamma-params-masks-vllm-tool-mask",
+            dict(
+                loss_type="vespo",
+                vespo_k_pos=0.5,
+                vespo_lambda_pos=1.7,
+                vespo_k_neg=1.25,
+                vespo_lambda_neg=0.6,
+                off_policy_mask_threshold=0.1,
+                top_entropy_quantile=0.5,
+            ),
+            {"sampling": True, "vllm": "token", "tool_mask": True},
+        ),  # fmt: skip
+        ("vespo-entropy-bonus-ga2", dict(loss_type="vespo", entropy_coef=0.05, gradient_accumulation_steps=2), {}),
+        ("grpo-entropy-bonus-top-entropy", dict(KL, entropy_coef=0.05, top_entropy_quantile=0.5), {}),
+        (
+            "dapo-entropy-bonus-top-entropy-ga2-off-policy-mask",
+            dict(
+                loss_type="dapo",
+                entropy_coef=0.05,
+                top_entropy_quantile=0.3,
+                gradient_accumulation_steps=2,
+                off_policy_mask_threshold=0.1,
+            ),
+            {"sampling": True},
+        ),  # fmt: skip
+        (
+            "sapo-negative-entropy-coef-top-entropy",
+            dict(loss_type="sapo", entropy_coef=-0.02, top_entropy_quantile=0.6),
+            {},
+        ),
     ]
     return cases
 
@@ -296,10 +329,11 @@ def test_eval_mode_matches_trl(tiny, tmp_path, loss_type):
     assert_close(actual, expected, F32, "loss: eval under no_grad")
 
 
+@pytest.mark.parametrize("loss_type", ("grpo", "vespo"))
 @pytest.mark.parametrize("backend", ("reference", "triton"))
-def test_other_backends_match_trl(tiny, tmp_path, backend):
+def test_other_backends_match_trl(tiny, tmp_path, backend, loss_type):
     # loss_backend="triton" runs the Triton kernels (under TRITON_INTERPRET=1 on CPU, see conftest.py)
-    overrides = dict(KL, importance_sampling_level="sequence", top_entropy_quantile=0.5)
+    overrides = dict(KL, loss_type=loss_type, importance_sampling_level="sequence", top_entropy_quantile=0.5)
     trl_trainer, fused = _trainers(tiny, tmp_path, **overrides)
     fused.loss_backend = backend
     inputs = _inputs(trl_trainer, tiny[3], 5, beta=True)
@@ -320,6 +354,37 @@ def test_logit_scale_matches_trl(tiny, tmp_path):
     _parity(_tiny(tmp_path, logit_scale=0.5), tmp_path, "grpo-logit-scale", dict(KL), {})
 
 
+def _tiny_moe(directory):
+    """A tiny Qwen2-MoE (4 experts, top 2, a shared expert) over the toy vocabulary, as ``tiny`` returns it."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tok = toy.build_tokenizer()
+    config = Qwen2MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                            tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2MoeForCausalLM(config).save_pretrained(directory / "moe")
+    model = AutoModelForCausalLM.from_pretrained(directory / "moe")
+    return tok, model, toy.make_splits(num_train=16, num_dev=2, num_test=2)["train"], len(tok)
+
+
+@pytest.mark.parametrize(
+    "name,overrides,mode",
+    [
+        ("moe-grpo-config-coef", dict(KL), "train"),  # router_aux_loss_coef from the model config (0.02)
+        ("moe-dapo-ga2-coef", dict(loss_type="dapo", gradient_accumulation_steps=2, router_aux_loss_coef=0.5), "train"),
+        ("moe-vespo-eval", dict(loss_type="vespo", router_aux_loss_coef=0.5), "eval"),
+    ],
+)
+def test_moe_load_balancing_loss_matches_trl(tmp_path, name, overrides, mode):
+    # TRL adds router_aux_loss_coef * aux_loss / GA (train) and logs aux_loss; the fused loss must too.
+    (_, grads, metrics), _ = _parity(_tiny_moe(tmp_path), tmp_path, name, overrides, {}, mode=mode)
+    assert metrics["aux_loss"] > 0
+    assert any(".mlp.gate." in param for param in grads)  # the router is trained (by the aux loss)
+
+
 def test_bf16_autocast_close_to_trl(tiny, tmp_path):
     # bf16 mixed precision (GRPOConfig's default; CPU autocast here): the head GEMMs run in the autocast dtype, as
     # TRL's do. The loss agrees; gradients agree to bf16 rounding propagated through the backbone (~1% of the
@@ -335,10 +400,13 @@ def test_bf16_autocast_close_to_trl(tiny, tmp_path):
     assert metrics.keys() == trl_metrics.keys()
 
 
-def test_adaptive_entropy_matches_trl(tiny, tmp_path):
+@pytest.mark.parametrize("quantile", (1.0, 0.5))
+def test_adaptive_entropy_matches_trl(tiny, tmp_path, quantile):
     # The controller: the bonus is gated on the previous step's entropy, and entropy_coef moves by
     # entropy_coef_delta at each optimizer step; three micro-batches, GA 1, both trainers step in lockstep.
+    # With top_entropy_quantile < 1 the bonus and the controller's statistics use the high-entropy tokens only.
     overrides = dict(use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=2.0, entropy_coef_delta=0.004)
+    overrides["top_entropy_quantile"] = quantile
     trl_trainer, fused = _trainers(tiny, tmp_path, **overrides)
     for step, target in enumerate((10.0, 10.0, 0.5)):  # entropy below target, below, then above
         for trainer in (trl_trainer, fused):
@@ -395,12 +463,10 @@ def test_train_two_steps(tiny, tmp_path):
 @pytest.mark.parametrize(
     "overrides,needle",
     [
-        (dict(loss_type="vespo"), "loss_type='vespo'"),
-        (dict(top_entropy_quantile=0.5, entropy_coef=0.01), "top_entropy_quantile=0.5"),
-        (dict(top_entropy_quantile=0.5, use_adaptive_entropy=True), "use_adaptive_entropy=True"),
         (dict(delta=1.1), "delta"),  # TRL accepts a two-sided clip below 1 + epsilon_high; LossConfig does not
+        (dict(loss_type="vespo", vespo_lambda_neg=-1.0), "vespo_lambda_neg"),  # TRL clamps it to 1e-4 silently
     ],
-    ids=["vespo", "entropy-bonus-with-quantile", "adaptive-with-quantile", "delta"],
+    ids=["delta", "vespo-negative-lambda"],
 )
 def test_unsupported_options_raise(tiny, tmp_path, overrides, needle):
     tok, model, data, _ = tiny
@@ -440,8 +506,8 @@ def test_unsupported_model_and_late_changes_raise(tiny, tmp_path):
         processing_class=tok,
     )
     trainer.current_gradient_accumulation_steps = 1
-    trainer.loss_type = "vespo"
-    with pytest.raises(ValueError, match="vespo"):
+    trainer.loss_type = "not_a_loss"
+    with pytest.raises(ValueError, match="not_a_loss"):
         trainer.compute_loss(trainer.model, _inputs(trainer, vocab, 0))
 
 
@@ -468,3 +534,23 @@ def test_import_refuses_a_trl_outside_the_supported_range(monkeypatch):
             integration.check_trl_version(version)
     for version in ("1.15.0", "1.16.0", "1.16.3"):
         integration.check_trl_version(version)
+
+
+def test_our_trainer_builds_the_drop_ins_loss_config(tiny, tmp_path):
+    """grpo_fast's own GRPOTrainer and the drop-in turn the same TRL options into the same LossConfig."""
+    from grpo_fast.trainer import GRPOConfig as OurConfig
+
+    tok, model, data, _ = tiny
+    options = dict(loss_type="vespo", epsilon=0.15, epsilon_high=0.3, vespo_k_pos=1.5, vespo_lambda_pos=2.5,
+                   vespo_k_neg=0.5, vespo_lambda_neg=4.0, sapo_temperature_pos=0.5, sapo_temperature_neg=3.0,
+                   use_bias_correction_kl=True, entropy_coef=0.02, importance_sampling_level="sequence",
+                   gradient_accumulation_steps=2, max_completion_length=8, temperature=0.7)  # fmt: skip
+    fused = FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=[length_reward], args=_args(tmp_path, **options),
+                             train_dataset=data, processing_class=tok)  # fmt: skip
+    fused.current_gradient_accumulation_steps = 2
+    theirs = fused._fused_loss_config("train", fused._entropy_coef_now())
+    ours = OurConfig(
+        output_dir=str(tmp_path), num_generations=B, per_device_train_batch_size=B, **options
+    ).loss_config()
+    assert ours == theirs
+    assert ours.replace(vespo_k_neg=0.6) != theirs  # the comparison sees every field

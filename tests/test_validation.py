@@ -42,7 +42,7 @@ def loss(**changes):
         completion_mask=MASK,
         old_logprobs=LOGP,
         ref_logprobs=LOGP,
-        config=LossConfig(),
+        config=LossConfig(loss_type="grpo", beta=0.04),
         backend="torch",
     )
     kw.update(changes)
@@ -119,20 +119,20 @@ BAD_INPUTS = [
     ),
     (
         "num_items_in_batch negative",
-        loss(config=LossConfig(loss_type="dapo"), num_items_in_batch=-1),
+        loss(config=LossConfig(beta=0.04, loss_type="dapo"), num_items_in_batch=-1),
         VE,
         "num_items_in_batch",
     ),  # fmt: skip
     (
         "num_items_in_batch NaN",
-        loss(config=LossConfig(loss_type="dapo"), num_items_in_batch=float("nan")),
+        loss(config=LossConfig(beta=0.04, loss_type="dapo"), num_items_in_batch=float("nan")),
         VE,
         "num_items_in_batch",
     ),  # fmt: skip
     # --- grpo_loss: config-dependent requirements
     (
         "beta > 0 without ref_logprobs",
-        loss(ref_logprobs=None, config=LossConfig(beta=0.04)),
+        loss(ref_logprobs=None, config=LossConfig(loss_type="grpo", beta=0.04)),
         VE,
         "ref_logprobs",
     ),
@@ -177,6 +177,12 @@ BAD_INPUTS = [
         "gradient_accumulation_steps",
     ),
     ("sapo_temperature_neg 0", config(sapo_temperature_neg=0.0), VE, "sapo_temperature_neg"),
+    ("vespo_lambda_pos 0", config(vespo_lambda_pos=0.0), VE, "vespo_lambda_pos"),
+    ("vespo_k_neg negative", config(vespo_k_neg=-1.0), VE, "vespo_k_neg"),
+    ("vespo_k_pos inf", config(vespo_k_pos=float("inf")), VE, "vespo_k_pos"),
+    ("policy_mask wrong shape", loss(policy_mask=torch.ones(B, 2)), VE, "policy_mask"),
+    ("policy_mask int dtype", loss(policy_mask=torch.ones(B, T, dtype=torch.long)), TE, "policy_mask"),
+    ("entropy_mask per sequence", loss(entropy_mask=torch.ones(B, 1)), VE, "entropy_mask"),
     # --- token_logprobs
     ("token_logprobs temperature 0", logprobs(temperature=0.0), VE, "temperature"),
     ("token_logprobs temperature negative", logprobs(temperature=-1.0), VE, "temperature"),
@@ -228,11 +234,11 @@ ACCEPTED = [
     ("int mask", dict(completion_mask=MASK.long())),
     ("(B, 1) importance_ratio", dict(importance_ratio=torch.ones(B, 1))),
     ("(B, T) advantages", dict(advantages=torch.randn(B, T))),
-    ("beta 0 without ref_logprobs", dict(ref_logprobs=None, config=LossConfig(beta=0.0))),
-    ("int temperature", dict(config=LossConfig(temperature=2))),
+    ("beta 0 without ref_logprobs", dict(ref_logprobs=None, config=LossConfig(loss_type="grpo", beta=0.0))),
+    ("int temperature", dict(config=LossConfig(loss_type="grpo", beta=0.04, temperature=2))),
     (
         "num_items_in_batch tensor",
-        dict(config=LossConfig(loss_type="dapo"), num_items_in_batch=torch.tensor(12)),
+        dict(config=LossConfig(beta=0.04, loss_type="dapo"), num_items_in_batch=torch.tensor(12)),
     ),
     # check_ids validates ids only where the mask is 1: padding ids at masked positions are legal.
     ("id >= V at a masked position", dict(completion_ids=_ids(V + 7, (0, 1)), completion_mask=_mask(0.0))),

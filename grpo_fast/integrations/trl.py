@@ -12,27 +12,38 @@ hidden states of the completion positions and ``lm_head.weight`` (+ bias) to ``l
 TRL 1.16 options and how they map (tests/test_trl_trainer.py checks loss, parameter gradients and logged
 metrics against ``trl.GRPOTrainer.compute_loss`` on the same model and batch):
 
-- loss_type grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo; importance_sampling_level token/sequence;
-  epsilon, epsilon_high, delta, sapo temperatures, beta (k3 KL to ``ref_per_token_logps``),
+- loss_type grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo; importance_sampling_level token/sequence;
+  epsilon, epsilon_high, delta, sapo temperatures, vespo_k_pos/neg and vespo_lambda_pos/neg, beta (k3 KL to
+  ``ref_per_token_logps``),
   use_bias_correction_kl, temperature, gradient accumulation / steps_per_generation / world size,
   train vs eval normalisers: fields of ``grpo_fast.LossConfig``.
 - old_per_token_logps (num_iterations > 1, misaligned generation, vLLM): ``old_logprobs``.
-- the vLLM importance-sampling correction (``importance_sampling_ratio`` in the inputs), the off-policy
-  sequence mask (``off_policy_mask_threshold``) and the high-entropy token mask (``top_entropy_quantile``):
-  TRL multiplies the per-token policy loss by each before adding the KL term, which is exactly what
-  ``importance_ratio`` does, so their product is passed there. The two masks need the current log-probs /
-  entropies first: one forward-only pass of ``linear_token_logprobs`` (one more GEMM) computes them, and
-  TRL's own ``get_off_policy_mask`` / ``get_high_entropy_mask`` turn them into masks.
+- the vLLM importance-sampling correction (``importance_sampling_ratio`` in the inputs): ``importance_ratio``.
+  Like TRL, grpo_fast multiplies the per-token policy loss by it before adding the KL term, except for vespo,
+  where it is folded into the sequence weight w of the gamma function (``objective.vespo_weights``).
+- the off-policy sequence mask (``off_policy_mask_threshold``) and the high-entropy token mask
+  (``top_entropy_quantile``): TRL multiplies the per-token policy loss by both (every loss type, vespo
+  included), so their product is passed as ``policy_mask``; the high-entropy mask is also ``entropy_mask``,
+  the tokens TRL averages the entropy bonus over. The masks need the current log-probs / entropies first:
+  one forward-only pass of ``linear_token_logprobs`` (one more GEMM) computes them, and TRL's own
+  ``get_off_policy_mask`` / ``get_high_entropy_mask`` turn them into masks.
 - entropy_coef and use_adaptive_entropy: ``LossConfig.entropy_coef`` (the coefficient TRL would apply
-  this step); the adaptive controller's state is updated as TRL updates it.
+  this step); the adaptive controller's state is updated as TRL updates it (over the high-entropy tokens
+  when top_entropy_quantile < 1, as TRL).
 - tool_mask: multiplies the completion mask, as in TRL. PEFT models (an adapter on the backbone), logit
   scales (``logit_scale`` and the like), cast_lm_head_to_fp32 and autocast behave as in TRL's fused head.
 
+- a MoE model's router load-balancing loss (router_aux_loss_coef, the model's output_router_logits): the
+  backbone returns its router logits, the model's own ``load_balancing_loss_func`` turns them into the
+  aux_loss its forward would return, and ``router_aux_loss_coef * aux_loss / GA`` is added, as TRL adds it
+  (TRL's own fused head drops it, trl#7009); metric aux_loss.
+
 Refused with a ValueError at construction (and again if changed later), because the result would differ
-from TRL's: loss_type="vespo", an entropy bonus together with top_entropy_quantile < 1 (TRL averages
-the bonus over the high-entropy tokens only; LossConfig over the completion mask), a MoE
-load-balancing loss (router_aux_loss_coef), final_logit_softcapping, vision-language models. Options of
-LossConfig that TRL lacks (other KL estimators) are simply not reachable from a GRPOConfig.
+from TRL's: final_logit_softcapping (the fused kernels do not soft-cap), vision-language models, MoE
+models whose modeling module has no ``load_balancing_loss_func`` (or no num_experts / num_experts_per_tok),
+and values LossConfig rejects that TRL accepts (delta <= 1 + epsilon_high, a vespo lambda <= 0, which TRL
+clamps to 1e-4 without a word). Options of LossConfig that TRL lacks (other KL estimators) are
+simply not reachable from a GRPOConfig.
 
 Numerics: the log importance weight is clamped to +-20 before exp (grpo_fast's ``log_ratio_clamp``),
 where TRL would overflow to inf; elsewhere float32 results are TRL's to float32 rounding. Under bf16
@@ -45,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import sys
 import types
 
 from packaging.version import Version
@@ -76,6 +88,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 from ..config import LOSS_TYPES, PPO_CLIP_LOSS_TYPES, LossConfig
 from ..linear import linear_grpo_loss, linear_token_logprobs
+from ..objective import vespo_weights
 from ..validation import BACKENDS
 
 __all__ = ["FusedGRPOTrainer"]
@@ -123,10 +136,11 @@ class FusedGRPOTrainer(GRPOTrainer):
         text_config = self.model.config.get_text_config()
         self._fused_logit_scale = _logit_scale(text_config)
         self._fused_softcap = getattr(text_config, "final_logit_softcapping", None)
-        self._check_fused_support()
         # TRL patched this model's forward with its fused LM head; ours wraps that one (PEFT: the base model,
         # whose forward the adapter calls).
-        _add_head_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        self._fused_causal_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._check_fused_support()
+        _add_head_forward(self._fused_causal_lm)
 
     # ------------------------------------------------------------------ options
 
@@ -135,14 +149,11 @@ class FusedGRPOTrainer(GRPOTrainer):
         problems = []
         if self.loss_type not in LOSS_TYPES:
             problems.append(f"loss_type={self.loss_type!r} (supported: {', '.join(LOSS_TYPES)})")
-        if self.top_entropy_quantile < 1.0 and self._entropy_bonus_enabled:
+        if self.aux_loss_enabled and _router_aux_loss_parts(self._fused_causal_lm) is None:
             problems.append(
-                f"top_entropy_quantile={self.top_entropy_quantile} together with an entropy bonus "
-                f"(entropy_coef={self.entropy_coef}, use_adaptive_entropy={self.use_adaptive_entropy}): TRL averages "
-                "the bonus over the high-entropy tokens only, grpo_fast over the whole completion mask"
+                f"router_aux_loss_coef={self.router_aux_loss_coef} on {type(self._fused_causal_lm).__name__}, whose "
+                "modeling module has no load_balancing_loss_func (or no num_experts / num_experts_per_tok)"
             )
-        if self.aux_loss_enabled:
-            problems.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (the MoE load-balancing loss)")
         if self._fused_softcap is not None:
             problems.append(f"final_logit_softcapping={self._fused_softcap} in the model config")
         if self._is_vlm:
@@ -174,11 +185,19 @@ class FusedGRPOTrainer(GRPOTrainer):
             use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
             sapo_temperature_pos=float(self.args.sapo_temperature_pos),
             sapo_temperature_neg=float(self.args.sapo_temperature_neg),
+            **self._vespo_fields(),
             entropy_coef=entropy_coef,
             gradient_accumulation_steps=int(grad_accum) if train else 1,
             steps_per_generation=int(self.args.steps_per_generation) if train else 1,
             world_size=self.accelerator.num_processes,
         )
+
+    def _vespo_fields(self) -> dict:
+        """LossConfig's vespo_* fields from the GRPOConfig; TRL releases without vespo get LossConfig's defaults."""
+        defaults = {
+            f: getattr(LossConfig, f) for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+        }
+        return {name: float(getattr(self.args, name, default)) for name, default in defaults.items()}
 
     def _entropy_coef_now(self) -> float:
         """The entropy-bonus coefficient TRL applies in this step (0 when the bonus is off or gated off)."""
@@ -203,11 +222,15 @@ class FusedGRPOTrainer(GRPOTrainer):
         entropy_coef = self._entropy_coef_now()
         config = self._fused_loss_config(mode, entropy_coef)
         head = functools.partial(self._head_loss, inputs=inputs, mask=mask, config=config)
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
-            loss, logprobs, mean_entropy = model(
-                input_ids=input_ids, attention_mask=attention_mask, **{_HEAD_KWARG: head}
+            (loss, logprobs, mean_entropy, bonus_stats), aux_loss = model(
+                input_ids=input_ids, attention_mask=attention_mask, **router, **{_HEAD_KWARG: head}
             )
-        self._log_fused_metrics(mode, inputs, mask, config, loss.detach(), logprobs, mean_entropy)
+        self._log_fused_metrics(mode, inputs, mask, config, loss.detach(), logprobs, mean_entropy, bonus_stats)
+        if aux_loss is not None:  # TRL: + coef * aux / GA (train), logged as aux_loss
+            loss = loss + self.router_aux_loss_coef * aux_loss / config.gradient_accumulation_steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         return loss
 
     def _head_loss(self, hidden, weight, bias, *, inputs, mask, config: LossConfig):
@@ -225,7 +248,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             hidden = hidden * self._fused_logit_scale
             bias = None if bias is None else bias * self._fused_logit_scale
         with torch.autocast(device_type, enabled=False):  # grpo_fast controls its own precision (fp32 accumulation)
-            ratio = self._loss_weights(hidden, weight, bias, inputs, mask, config)
+            policy_mask, entropy_mask, entropies = self._loss_masks(hidden, weight, bias, inputs, mask, config)
             out = linear_grpo_loss(
                 hidden,
                 weight,
@@ -236,19 +259,34 @@ class FusedGRPOTrainer(GRPOTrainer):
                 inputs.get("ref_per_token_logps") if config.beta != 0.0 else None,
                 bias=bias,
                 config=config,
-                importance_ratio=ratio,
+                importance_ratio=self._importance_ratio(inputs),
                 num_items_in_batch=inputs.get("num_items_in_batch"),
+                policy_mask=policy_mask,
+                entropy_mask=entropy_mask,
                 backend=self.loss_backend,
                 chunk_size=self.loss_chunk_size,
             )
-        return out.loss, out.logprobs.detach(), out.metrics["entropy"]
+        # the tokens the entropy bonus averages over: (sum of their entropies, their count), for TRL's metrics
+        effective = mask.float() if entropy_mask is None else mask.float() * entropy_mask
+        if entropies is None:
+            bonus_stats = torch.stack([out.metrics["entropy"] * effective.sum(), effective.sum()])
+        else:
+            bonus_stats = torch.stack([(entropies * effective).sum(), effective.sum()])
+        return out.loss, out.logprobs.detach(), out.metrics["entropy"], bonus_stats
 
-    def _loss_weights(self, hidden, weight, bias, inputs, mask, config: LossConfig):
-        """The product of the factors TRL multiplies the per-token policy loss by (before the KL term), or None:
-        the vLLM importance-sampling ratio, the off-policy sequence mask and the high-entropy token mask."""
-        weights = []
+    def _importance_ratio(self, inputs):
+        """TRL's vLLM importance-sampling ratio, or None. grpo_fast's ``importance_ratio`` is the same factor: it
+        multiplies the per-token policy loss, or for vespo is folded into the sequence weight, as in TRL."""
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            weights.append(inputs["importance_sampling_ratio"])
+            return inputs["importance_sampling_ratio"].float()
+        return None
+
+    def _loss_masks(self, hidden, weight, bias, inputs, mask, config: LossConfig):
+        """(policy_mask, entropy_mask, entropies): the off-policy sequence mask times the high-entropy token mask,
+        which TRL multiplies the per-token policy loss by (or None); the high-entropy mask alone, over which TRL
+        averages the entropy bonus (or None); the current entropies when they were computed for it (or None)."""
+        weights = []
+        entropy_mask = entropies = None
         quantile_mask = self.top_entropy_quantile < 1.0
         if self.off_policy_mask_threshold is not None or quantile_mask:
             current = linear_token_logprobs(  # forward-only: the masks need the current policy's values first
@@ -278,17 +316,21 @@ class FusedGRPOTrainer(GRPOTrainer):
                     )
                 )
             if quantile_mask:
-                weights.append(self.get_high_entropy_mask(current.entropy, mask, 1.0 - self.top_entropy_quantile))
+                entropies = current.entropy
+                entropy_mask = self.get_high_entropy_mask(entropies, mask, 1.0 - self.top_entropy_quantile).float()
+                weights.append(entropy_mask)
         if not weights:
-            return None
+            return None, None, None
         product = weights[0].float()
         for w in weights[1:]:
             product = product * w.float()
-        return product
+        return product, entropy_mask, entropies
 
     # ------------------------------------------------------------------ metrics
 
-    def _log_fused_metrics(self, mode, inputs, mask, config: LossConfig, loss, logprobs, mean_entropy) -> None:
+    def _log_fused_metrics(
+        self, mode, inputs, mask, config: LossConfig, loss, logprobs, mean_entropy, bonus_stats
+    ) -> None:
         """TRL's loss metrics under TRL's names and reductions, from the fused path's detached log-probs."""
         metrics = self._metrics[mode]
         mask = mask.float()
@@ -314,7 +356,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
         if self._entropy_bonus_enabled:
-            self._log_policy_loss_and_update_entropy_coef(mode, config, loss, mean_entropy, mask)
+            self._log_policy_loss_and_update_entropy_coef(mode, config, loss, bonus_stats)
         if config.beta != 0.0:
             diff = inputs["ref_per_token_logps"] - logprobs
             kl = torch.exp(diff) - diff - 1
@@ -333,17 +375,23 @@ class FusedGRPOTrainer(GRPOTrainer):
             metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(per_sequence(high))).item())
         elif config.loss_type == "cispo":
             metrics["cispo_clip_ratio"].append(global_mean(((ratio > config.eps_high) & (advantages > 0)).float()))
+        elif config.loss_type == "vespo":  # the detached weight, recomputed from the detached log-probs
+            log_ratio = torch.zeros_like(logprobs) if old is None else logprobs - old
+            phi = vespo_weights(log_ratio, advantages.float(), mask, config, self._importance_ratio(inputs))
+            metrics["vespo/phi_seq_mean"].append(global_mean(phi))
 
-    def _log_policy_loss_and_update_entropy_coef(self, mode, config: LossConfig, loss, mean_entropy, mask) -> None:
+    def _log_policy_loss_and_update_entropy_coef(self, mode, config: LossConfig, loss, bonus_stats) -> None:
         """TRL's bookkeeping when the entropy bonus is on: the policy_loss metric, the adaptive coefficient
-        controller (its window statistics and step-boundary update) and the entropy_coef metric."""
+        controller (its window statistics and step-boundary update) and the entropy_coef metric. bonus_stats:
+        (sum of the entropies, count) of the tokens the bonus averages over."""
         accumulation = config.gradient_accumulation_steps
-        policy_loss = loss + config.entropy_coef * mean_entropy / accumulation  # the loss without the bonus
-        if config.loss_type not in ("dapo", "cispo"):  # TRL logs these before the accumulation division
+        bonus = bonus_stats[0] / bonus_stats[1].clamp(min=1.0)
+        policy_loss = loss + config.entropy_coef * bonus / accumulation  # the loss without the bonus
+        if config.loss_type not in ("dapo", "cispo", "vespo"):  # TRL logs these before the accumulation division
             policy_loss = policy_loss * accumulation
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
         if self.use_adaptive_entropy and mode == "train":
-            stats = torch.stack([mean_entropy * mask.sum(), mask.sum()]).detach()
+            stats = bonus_stats.detach()
             window = self._entropy_window_stats
             self._entropy_window_stats = stats if window is None else window + stats
             if self.accelerator.sync_gradients:
@@ -373,12 +421,25 @@ def _logit_scale(text_config) -> float:
     return float(scaling) if text_config.model_type == "hyperclovax" else 1.0 / float(scaling)
 
 
+def _router_aux_loss_parts(model):
+    """(load_balancing_loss_func, num_experts, num_experts_per_tok) of a transformers MoE causal LM (Mixtral,
+    Qwen2-MoE, ...: its forward adds ``load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)``
+    as ``aux_loss``), or None when the model does not have them."""
+    balance = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    num_experts = getattr(model, "num_experts", None)
+    top_k = getattr(model, "num_experts_per_tok", None)
+    if balance is None or num_experts is None or top_k is None:
+        return None
+    return balance, num_experts, top_k
+
+
 def _add_head_forward(model) -> None:
     """Make ``model(..., grpo_fast_head=fn)`` run the backbone and return ``fn(last_hidden_state, weight, bias)``.
 
     The loss then runs inside the model's forward: DDP, FSDP (the head's DTensor weight is gathered) and
     DeepSpeed ZeRO-3 (``maybe_gather_lm_head_ctx``) see one forward, as with TRL's fused head. Any other
     call goes to the previous forward (TRL's), so generation and TRL's log-prob passes are unchanged.
+    Returns (fn's result, the MoE load-balancing loss when called with output_router_logits=True, else None).
     """
     previous_forward = model.forward
 
@@ -390,13 +451,18 @@ def _add_head_forward(model) -> None:
         for key in ("labels", "shift_labels", "num_items_in_batch"):  # PEFT passes labels=None along
             kwargs.pop(key, None)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, P + T, H)
+        outputs = self.base_model(*args, **kwargs)
+        hidden = outputs.last_hidden_state  # (B, P + T, H)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):  # as the model's own forward computes its aux_loss
+            balance, num_experts, top_k = _router_aux_loss_parts(self)
+            aux_loss = balance(outputs.router_logits, num_experts, top_k, kwargs.get("attention_mask"))
         lm_head = self.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         with maybe_gather_lm_head_ctx(weight, bias):
             if isinstance(weight, DTensor):
                 weight = weight.full_tensor()
                 bias = None if bias is None else bias.full_tensor()
-            return head_loss(hidden.to(weight.device), weight, bias)
+            return head_loss(hidden.to(weight.device), weight, bias), aux_loss
 
     model.forward = types.MethodType(forward, model)

@@ -16,8 +16,8 @@ The gradient can be formed at forward time because the GRPO objective is separab
 the per-sequence statistics are known: every loss type weights token t by a factor that depends on the
 mask only, and the ratio of token t depends on its own log-prob. The exceptions are sequence-level
 importance sampling (GSPO) with old log-probs, whose weight exp(mean_t(logp - old)) needs all of a
-sequence's log-probs first, and sequence-level weights multiplying the KL term (bias correction): they
-cost one extra forward-only GEMM pass (4 GEMMs).
+sequence's log-probs first, sequence-level weights multiplying the KL term (bias correction), and vespo's
+weight phi(exp(sum_t (logp - old))) with old log-probs: they cost one extra forward-only GEMM pass (4 GEMMs).
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ Modules: ``grpo`` (GRPOTrainer: the step), ``config`` (GRPOConfig), ``update`` (
 ``run_dir`` (output directory, checkpoints, resume), ``batch``, ``metrics``, ``schedule``, ``inputs``
 (checks of what the user hands in); sampling: ``rollout``, ``decoding`` (the lean KV-cached decoder),
 ``engines``, ``shared_prefix``; ``rewards``, ``evaluation``, ``sft``, ``checkpoint``, ``distributed``,
-``modeling``, ``tracking``, ``configio``, ``data``.
+``modeling``, ``tracking``, ``configio``, ``data``, ``tiny_model``.
 """
 
 from .batch import Batch, TrainerState
 from .config import GRPOConfig
 from .grpo import GRPOTrainer
 from .metrics import MetricsLog, format_metrics, peak_memory_mib
-from .run_dir import OutputDirInUseError
+from .run_dir import OutputDirInUseError, StopSignal
 from .schedule import lr_lambda
 from .update import NonFiniteError
 
@@ -24,6 +24,7 @@ __all__ = [
     "MetricsLog",
     "NonFiniteError",
     "OutputDirInUseError",
+    "StopSignal",
     "TrainerState",
     "format_metrics",
     "lr_lambda",

@@ -15,8 +15,9 @@ Writes are atomic: everything goes to a hidden temporary directory that is renam
 never a half-written ``checkpoint-<step>`` (tests/test_faults.py kills a saving process with SIGKILL).
 Re-saving an existing step moves the old directory aside first; if the process dies between the two
 renames, ``latest_checkpoint`` puts it back (and deletes what dead processes left half-written).
-A failed write (disk full, permission denied, read-only file system) is an OSError with the original
-errno that names the checkpoint and the reason; the temporary directory is removed.
+A failed write (disk full, permission denied, read-only file system; safetensors' own ``SafetensorError``
+included) is an OSError with the original errno that names the checkpoint, the file and the cause ("disk
+full"); the temporary directory is removed.
 
 Loading never runs code from a file: weights are safetensors, the rest ``torch.load(weights_only=True)``
 (tensors and plain containers only); anything else in a ``.pt`` file is refused with a ValueError.
@@ -41,19 +42,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
+from . import writes
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _MOVED_ASIDE = re.compile(r"^\.(checkpoint-\d+)\.old-(\d+)$")  # by _replace_dir of process <pid>
 _TEMPORARY = re.compile(r"^\.checkpoint-\d+\.tmp-(\d+)-")  # being written by process <pid>
 STATE_FILE = "trainer_state.json"
-_NO_SPACE = "free disk space or save elsewhere (output_dir)"
-_NOT_WRITABLE = "make {dir} writable for this user or save elsewhere (output_dir)"
-_HINTS = {
-    errno.ENOSPC: _NO_SPACE,
-    errno.EDQUOT: _NO_SPACE,
-    errno.EACCES: _NOT_WRITABLE,
-    errno.EPERM: _NOT_WRITABLE,
-    errno.EROFS: _NOT_WRITABLE,
-}
 
 
 def save_checkpoint(
@@ -82,14 +76,16 @@ def save_checkpoint(
     except OSError as error:
         raise _save_error(error, final) from error
     try:
-        model.save_pretrained(tmp)
+        with _safetensors_write(tmp / _weights_name(model)):
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(rng_state(), tmp / "rng.pt")
         if ref_model is not None:
-            save_model(ref_model, str(tmp / "ref_model.safetensors"))
+            with _safetensors_write(tmp / "ref_model.safetensors"):
+                save_model(ref_model, str(tmp / "ref_model.safetensors"))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
@@ -104,16 +100,38 @@ def save_checkpoint(
 
 
 def _save_error(error: OSError, final: Path) -> OSError:
-    """The OSError of a failed save: same errno, a message naming the checkpoint, the file and a remedy."""
-    detail = error.strerror or str(error)
-    if error.filename is not None:
-        detail += f": {error.filename}"
-    hint = _HINTS.get(error.errno, "")
+    """The OSError of a failed save: same errno, a message naming the checkpoint, the file, the cause and a
+    remedy."""
+    remedy = writes.hint(error, final.parent, "output_dir")
     message = (
-        f"could not save checkpoint {final}: {detail}; the checkpoints already in {final.parent} are untouched"
-        + (f"; {hint.format(dir=final.parent)}" if hint else "")
+        f"could not save checkpoint {final}: {writes.detail(error)}; the checkpoints already in {final.parent} are "
+        "untouched" + (f"; {remedy}" if remedy else "")
     )
     return OSError(error.errno, message) if error.errno is not None else OSError(message)
+
+
+@contextlib.contextmanager
+def _safetensors_write(file: Path):
+    """A SafetensorError of a failed write (it names no file) as the OSError it wraps, naming ``file``."""
+    try:
+        yield
+    except SafetensorError as error:
+        wrapped = writes.as_os_error(error)
+        raise OSError(wrapped.errno, wrapped.strerror, str(file)) from error
+
+
+def _torch_save(obj, file: Path) -> None:
+    """``torch.save``; its file writer's RuntimeError (no errno) as an OSError naming ``file``: ENOSPC when
+    the file system has no free block left, else EIO."""
+    try:
+        torch.save(obj, file)
+    except RuntimeError as error:
+        full = hasattr(os, "statvfs") and os.statvfs(file.parent).f_bavail == 0
+        raise OSError(errno.ENOSPC if full else errno.EIO, str(error), str(file)) from error
+
+
+def _weights_name(model) -> str:
+    return "adapter_model.safetensors" if hasattr(model, "peft_config") else "model.safetensors"
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -178,17 +196,17 @@ def recover_interrupted_saves(run_dir: str | Path) -> None:
     ``.checkpoint-N.tmp-<pid>-*`` is a half-written checkpoint: deleted.
     """
     for path in Path(run_dir).iterdir():
-        if (m := _MOVED_ASIDE.match(path.name)) and not _alive(int(m.group(2))):
+        if (m := _MOVED_ASIDE.match(path.name)) and not process_alive(int(m.group(2))):
             final = path.with_name(m.group(1))
             if final.exists():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.replace(path, final)
-        elif (m := _TEMPORARY.match(path.name)) and not _alive(int(m.group(1))):
+        elif (m := _TEMPORARY.match(path.name)) and not process_alive(int(m.group(1))):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether a process with this id exists (a reused id errs on the safe side: alive)."""
     if pid == os.getpid() or os.name != "posix":  # os.kill(pid, 0) is no probe on Windows
         return True

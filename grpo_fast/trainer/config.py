@@ -88,7 +88,9 @@ class GRPOConfig:
     epsilon: float = _f(0.2, "lower clip range of the ratio. PPO/DeepSeekMath 0.2")
     epsilon_high: float | None = _f(None, "upper clip range; None = epsilon. DAPO clip-higher 0.28")
     delta: float | None = _f(None, "two-sided clip: cap on the unclipped ratio (INTELLECT-2), > 1 + epsilon_high")
-    loss_type: str = _f("dapo", "aggregation: grpo | bnpo | dr_grpo | dapo | luspo | cispo | sapo (TRL default dapo)")
+    loss_type: str = _f(
+        "dapo", "aggregation: grpo | bnpo | dr_grpo | dapo | luspo | cispo | sapo | vespo (TRL default dapo)"
+    )
     importance_sampling_level: str = _f("token", "token (GRPO) or sequence (GSPO, arXiv 2507.18071)")
     num_iterations: int = _f(1, "mu, optimizer passes over each generation batch. DeepSeekMath 1")
     scale_rewards: str = _f("group", "group (divide by group std), batch, or none (Dr. GRPO, arXiv 2503.20783)")
@@ -105,6 +107,26 @@ class GRPOConfig:
     dynamic_sampling: bool = _f(False, "DAPO: drop groups whose rewards are all equal and sample more prompts")
     max_dynamic_sampling_tries: int = _f(3, "generation rounds per step before training on what was kept")
     eval_max_new_tokens: int | None = _f(None, "length budget of evaluation; None = max_completion_length")
+    # TRL 1.16's loss options (TRL's names and defaults; fields of grpo_fast.LossConfig unless noted)
+    use_bias_correction_kl: bool = _f(False, "multiply the KL term by the importance ratio (DeepSeek-V3.2)")
+    sapo_temperature_pos: float = _f(1.0, "sapo: gate temperature for tokens with A > 0")
+    sapo_temperature_neg: float = _f(1.05, "sapo: gate temperature for tokens with A <= 0")
+    vespo_k_pos: float = _f(2.0, "vespo: power k of the gamma weight for A >= 0")
+    vespo_lambda_pos: float = _f(3.0, "vespo: decay lambda of the gamma weight for A >= 0")
+    vespo_k_neg: float = _f(3.0, "vespo: power k of the gamma weight for A < 0")
+    vespo_lambda_neg: float = _f(2.0, "vespo: decay lambda of the gamma weight for A < 0")
+    entropy_coef: float = _f(0.0, "entropy bonus: loss -= entropy_coef * mean entropy / GA; logs entropy_coef")
+    top_entropy_quantile: float = _f(
+        1.0,
+        "train only on the tokens whose entropy is in this top share of each update pass (arXiv 2506.01939); "
+        "1 = all; the entropy bonus then averages over them too",
+    )
+    off_policy_mask_threshold: float | None = _f(
+        None,
+        "drop sequences with A < 0 whose mean KL(sampler || policy) exceeds this (DeepSeek-V3.2); None = off; "
+        "logs off_policy_mask/kept_fraction",
+    )
+    cast_lm_head_to_fp32: bool = _f(False, "compute the LM head (the loss's GEMMs) in float32 under bf16 autocast")
     # several processes (torchrun; grpo_fast.trainer.distributed)
     parallelism: str = _f("ddp", "with WORLD_SIZE > 1 (torchrun): ddp, or fsdp2 (parameters sharded)")
     # rollout engine (grpo_fast.trainer.engines); TRL names
@@ -126,6 +148,9 @@ class GRPOConfig:
     def __post_init__(self):
         object.__setattr__(self, "report_to", tracking.check_report_to(self.report_to))  # a name -> (name,)
         configio.check_field_types(self)  # types, and no NaN/inf in any float field
+        for name in ("output_dir", "logging_dir"):  # ~ and $VAR, as a shell would
+            if getattr(self, name):
+                object.__setattr__(self, name, configio.expand_path(getattr(self, name), name))
         for name in (
             "max_steps",
             "logging_steps",
@@ -157,6 +182,7 @@ class GRPOConfig:
         _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         _check(self.decode_graphs in ("auto", "on", "off"), "decode_graphs", "one of auto, on, off", self.decode_graphs)
         _check(self.temperature > 0, "temperature", "> 0 (the loss divides by it)", self.temperature)
+        _check(0 < self.top_entropy_quantile <= 1, "top_entropy_quantile", "in (0, 1]", self.top_entropy_quantile)
         _check(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", "in [0, 1]", self.ref_model_mixup_alpha)
         _check(
             self.lr_scheduler_type in LR_SCHEDULERS,
@@ -210,7 +236,16 @@ class GRPOConfig:
             beta=self.beta,
             temperature=self.temperature,
             max_completion_length=self.max_completion_length,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
+            entropy_coef=self.entropy_coef,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
+            steps_per_generation=self.gradient_accumulation_steps,  # one generation batch per optimizer step
         )
 
     @classmethod

@@ -13,12 +13,16 @@ import difflib
 import functools
 import math
 import numbers
+import os
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .trl_keys import TRL_ONLY_KEYS
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -32,14 +36,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping stored in a YAML file (an empty file is an empty mapping).
 
     ``yaml.safe_load``: plain scalars, lists and mappings only. A tag that would build a Python object
-    (``!!python/object/apply:os.system``) is a ConfigError, never a call, as is malformed YAML.
+    (``!!python/object/apply:os.system``) is a ConfigError, never a call, as is malformed YAML, and so is
+    a key given twice in one mapping (YAML would silently keep the last), naming both lines.
     """
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "does not exist"
         raise ConfigError(f"config file {path} {what}; give the path of a YAML file")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # safe_load that refuses a key given twice
+        except _DuplicateKey as duplicate:
+            raise ConfigError(f"{path}: {duplicate}; keep one") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not a plain YAML config (scalars, lists and mappings only): {error}") from error
     if data is None:
@@ -49,8 +56,40 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings refuse a key given twice."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise _DuplicateKey(f"key {key!r} is given twice (lines {lines[key]} and {line})")
+            if isinstance(key, typing.Hashable):
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def expand_path(path: str, name: str) -> str:
+    """``path`` with ``~`` and ``$VAR`` / ``${VAR}`` expanded; ValueError naming ``name`` for an unset variable."""
+    expanded = os.path.expandvars(os.path.expanduser(path))
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise ValueError(f"{name} {path!r} uses ${unset.group(1)}, which is not set; set it or write the path out")
+    return expanded
+
+
 def unknown_key_error(key: str, known: typing.Iterable[str], source: str) -> ConfigError:
-    """ConfigError for an unknown config key, with the closest known key as a suggestion."""
+    """ConfigError for an unknown config key: a TRL option we lack is said to be one (never matched to a
+    different key of ours); anything else gets the closest known key as a suggestion."""
+    if key in TRL_ONLY_KEYS:
+        return ConfigError(f"unknown config key {key!r} in {source}: {key!r} is a TRL option grpo_fast does not "
+                           "have; remove it (grpo-fast train --help lists the keys grpo_fast has)")  # fmt: skip
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")

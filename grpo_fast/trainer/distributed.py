@@ -9,7 +9,7 @@ with one process, so the single-process trainer needs no process group):
   contiguous slice (``Dist.shard_bounds``); the G completions of a prompt stay on one rank.
 - Sampling: each prompt group is sampled from a generator seeded by (seed, step, position of the prompt
   in the training stream), so a 2-process run samples the completions a 1-process run samples.
-- Normalisers: the dapo/cispo token count, the number of sequences (grpo, dr_grpo, luspo, sapo), the
+- Normalisers: the dapo/cispo/vespo token count, the number of sequences (grpo, dr_grpo, luspo, sapo), the
   batch reward std (scale_rewards="batch"), the dynamic-sampling decisions and the logged metrics are
   computed over all ranks (all-reduce / all-gather), so the update equals the 1-process update up to
   fp32 reduction order.

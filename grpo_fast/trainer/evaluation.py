@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .rewards import RewardFunction, accuracy_reward, reward_name, score_completions
+from .rewards import RewardFunction, accuracy_reward, check_reward_columns, reward_name, score_completions
 from .rollout import Rollout, encode_prompts, generate
 
 
@@ -62,6 +62,7 @@ def evaluate(
     Returns:
         {"rewards/<name>/mean": ..., "completions/mean_length": ..., ["rewards/<name>/pass@k": ...]}.
     """
+    check_reward_columns(dataset.column_names, "dataset")
     names = [reward_name(fn) for fn in reward_funcs]
     budget = {"max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length, "batch_size": batch_size,
               "faults": (reward_timeout, on_reward_error)}  # fmt: skip
@@ -140,6 +141,7 @@ def score_rollout(
     """Decode the k completions of each prompt of ``rows`` and score them; the reward functions see the
     rows' other columns and ``completion_ids``. Returns (completions, per-function rewards (N * k, F),
     their weighted sum (N * k,)); ``faults`` = the functions' (timeout, on_error)."""
+    check_reward_columns(rows, "dataset")
     prompts = [p for p in rows["prompt"] for _ in range(k)]
     columns = {c: [v for v in values for _ in range(k)] for c, values in rows.items() if c != "prompt"}
     columns["completion_ids"] = completion_id_lists(rollout)

@@ -48,12 +48,14 @@ from .evaluation import completion_id_lists, prompt_text, score_rollout
 from .inputs import (
     apply_peft,
     as_dataset,
+    check_prompt_budget,
     check_tokenizer,
     enable_checkpointing,
     frozen_copy,
     fused_adamw,
     is_peft_model,
     load_tokenizer,
+    prompt_lengths,
     reward_functions,
     reward_weights,
     use_bf16,
@@ -62,9 +64,10 @@ from .metrics import MetricsLog, format_metrics, peak_memory_mib
 from .modeling import backbone_and_head
 from .rewards import reward_name
 from .rollout import Rollout, encode_prompts
-from .run_dir import RunDirectory
+from .run_dir import RunDirectory, stop_signals
 from .schedule import lr_lambda
 from .update import PolicyUpdate
+from .writes import reported
 
 
 class GRPOTrainer(PolicyUpdate, RunDirectory):
@@ -125,8 +128,10 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         self.eval_dataset = None if eval_dataset is None else as_dataset(eval_dataset, "eval_dataset")
         self.backbone, self.head = backbone_and_head(self.base_model)
         check_tokenizer(self.tokenizer, self.base_model)
+        self._prompt_tokens = self._check_prompts()  # token count of each training prompt
+        self._truncated_prompts = 0  # prompts of this step cut to max_prompt_length
         self.use_bf16 = use_bf16(config.bf16, self.device)
-        # dapo/cispo divide by num_items_in_batch / world_size: see optimizer_step for the other types
+        # dapo/cispo/vespo divide by num_items_in_batch / world_size: see optimizer_step for the other types
         self.loss_config = config.loss_config().replace(world_size=self.dist.world_size)
         self.ref_model = frozen_copy(model) if config.beta > 0 and not self.is_peft else None
         if config.gradient_checkpointing:
@@ -154,11 +159,26 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         self._weights_changed = False
         self._saved_step: int | None = None
 
+    def _check_prompts(self) -> list[int]:
+        """Encode every train and eval prompt once (an error names the dataset and row), warn once about
+        those longer than max_prompt_length, refuse a prompt + completion past the model's positions."""
+        cfg, positions = self.config, getattr(self.base_model.config, "max_position_embeddings", None)
+        lengths = prompt_lengths(self.tokenizer, self.train_dataset, "train_dataset")
+        check_prompt_budget("train_dataset", lengths, cfg.max_prompt_length,
+                            ("max_completion_length", cfg.max_completion_length), positions)  # fmt: skip
+        if self.eval_dataset is not None:
+            budget = ("eval_max_new_tokens", cfg.eval_max_new_tokens) if cfg.eval_max_new_tokens else (
+                "max_completion_length", cfg.max_completion_length)  # fmt: skip
+            evaluated = prompt_lengths(self.tokenizer, self.eval_dataset, "eval_dataset")
+            check_prompt_budget("eval_dataset", evaluated, cfg.max_prompt_length, budget, positions)
+        return lengths
+
     # ----------------------------------------------------------------- the GRPO step
     def step(self) -> dict[str, float]:
         """One GRPO iteration: sample G completions per prompt, reward, advantages, update the policy."""
         cfg, start = self.config, time.perf_counter()
         self._step_start, self._weights_changed = dataclasses.replace(self.state), False  # for a Ctrl-C
+        self._truncated_prompts = 0
         self.seed_step()
         with gathered(self._policy):  # FSDP2: parameters stay gathered for sampling and forward-only passes
             self.engine.sync_weights(self.model)
@@ -260,6 +280,8 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         """
         cfg, g, tok = self.config, self.config.num_generations, self.tokenizer
         examples = self.train_dataset[rows]  # {column: [value per prompt]}
+        if cfg.max_prompt_length is not None:
+            self._truncated_prompts += sum(self._prompt_tokens[r] > cfg.max_prompt_length for r in rows)
         texts = [prompt_text(tok, p) for p in examples["prompt"]]
         ids, mask = encode_prompts(tok, texts, cfg.max_prompt_length, self.device)  # each prompt once
         ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)  # (B, P): G rows per prompt
@@ -339,6 +361,7 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
                 "completions/max_length": float(lengths.max()),
                 "completions/clipped_ratio": float(truncated.float().mean()),
                 "num_groups_trained": self.dist.sum_int(len(batch.rewards) // g),
+                "prompts/truncated": self.dist.sum_int(self._truncated_prompts),
                 "tokens_per_second": float(lengths.sum()) / step_time,
                 "step_time": step_time,
                 "time/rollout": times["rollout"],
@@ -393,22 +416,31 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
         directory is refused while this one writes there. A fresh run (no resume) into a directory that
         holds another run's checkpoints is refused unless ``overwrite_output_dir`` (which deletes them).
         Ctrl-C (one process) saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt.
+        SIGTERM and SIGUSR1 (preemption: Slurm, Kubernetes, spot instances) do the same while ``train`` runs
+        in the main thread: they raise ``StopSignal``, a KeyboardInterrupt naming the signal; the previous
+        handlers are restored when ``train`` returns. With several processes a stop signal (to any rank) is
+        acted on at the end of the step: every rank saves that step together, then raises StopSignal.
+
+        Metrics: a step's metrics.jsonl line is on disk before that step's checkpoint is published (its
+        evaluation, which runs after the checkpoint, is then added to the line atomically), so the history
+        always covers every logged step up to the checkpoint a resume starts from.
         """
-        with self._own_output_dir(bool(resume_from_checkpoint)):
+        with self._own_output_dir(bool(resume_from_checkpoint)), stop_signals(not self.dist.enabled) as received:
             try:
-                metrics = self._train(resume_from_checkpoint)
+                metrics = self._train(resume_from_checkpoint, received)
                 self.dist.barrier()  # every rank returns once rank 0 has written the last metrics (after the save)
                 return metrics
-            except KeyboardInterrupt:
-                self._save_on_interrupt()
+            except KeyboardInterrupt as stop:  # Ctrl-C, or StopSignal (SIGTERM, SIGUSR1)
+                self._save_on_interrupt(getattr(stop, "name", "interrupted"))
                 raise
 
-    def _train(self, resume_from_checkpoint) -> dict[str, float]:
+    def _train(self, resume_from_checkpoint, received: list[int]) -> dict[str, float]:
         cfg, main = self.config, self.dist.is_main
         self._resume(resume_from_checkpoint)
         if main:  # only now: the config validated, the dir is ours
             for name, text in {**self.run_files, "grpo_config.yaml": self.config.to_yaml()}.items():
-                (self.run_dir / name).write_text(text)
+                with reported(self.run_dir / name):
+                    (self.run_dir / name).write_text(text)
         log = MetricsLog(self.run_dir / "metrics.jsonl", keep_up_to_step=self.state.step) if main else None
         metrics: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
@@ -418,19 +450,25 @@ class GRPOTrainer(PolicyUpdate, RunDirectory):
             while self.state.step < cfg.max_steps:
                 metrics = self.step()
                 step, last = self.state.step, self.state.step == cfg.max_steps
+                evaluating = self.eval_dataset is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last)
+                logged = log is not None and (step % cfg.logging_steps == 0 or evaluating or last)
+                if logged:
+                    log.write(metrics)  # on disk (fsynced) before this step's checkpoint is published
                 if (cfg.save_steps and step % cfg.save_steps == 0) or last:
                     self.save_checkpoint()  # before evaluating: a failing evaluation loses no training
-                evaluating = self.eval_dataset is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last)
                 if evaluating and (main or is_fsdp(self._policy)):
-                    metrics.update(self.evaluate())
-                if log is not None and (step % cfg.logging_steps == 0 or evaluating or last):
-                    log.write(metrics)
+                    evaluated = self.evaluate()
+                    metrics.update(evaluated)
+                    if logged:
+                        log.amend_last(evaluated)  # the step's line, atomically rewritten with them
+                if logged:
                     bar.write(format_metrics(metrics, cfg.max_steps))
                     tracker.log_metrics(metrics, step)
                 if tracker and cfg.log_completions_steps and step % cfg.log_completions_steps == 0:
                     tracker.log_completions(self.completions_table(), step)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", refresh=False)
                 bar.update(1)
+                self._stop_if_signalled(received)  # several processes: a stop signal, at the step boundary
         return metrics
 
     def start_tracking(self) -> tracking.Trackers:

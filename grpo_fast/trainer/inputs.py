@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .rewards import RewardFunction, get_reward_function
+from .evaluation import prompt_text
+from .rewards import RewardFunction, check_reward_columns, get_reward_function
 from .rows import Rows
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -89,7 +94,7 @@ def reward_weights(weights, n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def as_dataset(data, name: str):
+def as_dataset(data, name: str) -> Dataset:
     if isinstance(data, (list, tuple)):  # checked before Arrow refuses mixed types in its own words
         for i, row in enumerate(data):
             if not isinstance(row, dict):
@@ -99,6 +104,7 @@ def as_dataset(data, name: str):
     dataset = _from_list(list(data)) if isinstance(data, (list, tuple)) else data
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} needs a 'prompt' column, got columns {dataset.column_names}")
+    check_reward_columns(dataset.column_names, name)
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty")
     for i, prompt in enumerate(dataset["prompt"]):
@@ -123,6 +129,64 @@ def _check_prompt(prompt, where: str) -> None:
     chat = not isinstance(prompt, str) and all(isinstance(m, dict) and "content" in m for m in prompt)
     if not (prompt.strip() if isinstance(prompt, str) else prompt and chat):
         raise ValueError(f"{where}: the prompt must be {expected}, got {prompt!r:.100}")
+
+
+def prompt_lengths(tokenizer, dataset: Dataset, name: str, chunk: int = 8192) -> list[int]:
+    """The token count of every prompt of ``dataset`` as the trainer encodes it (chat prompts through the
+    chat template, no special tokens added).
+
+    Raises:
+        ValueError naming ``name`` and the row of a prompt the tokenizer cannot encode: its chat template
+        fails, it holds text the tokenizer only knows as its unknown token, or it encodes to no token.
+    """
+    prompts, lengths = list(dataset["prompt"]), []
+    unk = tokenizer.unk_token_id
+    if unk in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id):
+        unk = None  # no unknown token of its own (GPT-2's is its end-of-text token)
+    for start in range(0, len(prompts), chunk):
+        part = enumerate(prompts[start : start + chunk], start)
+        texts = [_encodable(tokenizer, p, f"{name} row {i}") for i, p in part]
+        for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if not ids or (unk is not None and unk in ids):
+                problem = f"has text the tokenizer does not know (it would be encoded as {tokenizer.unk_token!r})"
+                raise ValueError(f"{name} row {start + i}: the prompt {texts[i]!r:.100} "
+                                 f"{problem if ids else 'encodes to no token'}; use a tokenizer that covers it or "
+                                 "change that row")  # fmt: skip
+            lengths.append(len(ids))
+    return lengths
+
+
+def _encodable(tokenizer, prompt, where: str) -> str:
+    if not isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: the tokenizer cannot encode the prompt: the 'prompt' column holds chat messages "
+                         "but the tokenizer has no chat template; use a model whose tokenizer has one (grpo-fast "
+                         "tiny-model DIR --chat-template qwen makes a tiny one) or plain-text prompts")  # fmt: skip
+    try:
+        return prompt_text(tokenizer, prompt)
+    except Exception as error:  # a missing or failing chat template: whatever the tokenizer raises
+        why = f"{type(error).__name__}: {error}"
+        raise ValueError(f"{where}: the tokenizer cannot encode the prompt ({why})") from error
+
+
+def check_prompt_budget(name: str, lengths: list[int], max_prompt_length: int | None, new_tokens: tuple[str, int],
+                        positions: int | None) -> int:  # fmt: skip
+    """Warn once when prompts of ``name`` are longer than ``max_prompt_length`` (they keep their last tokens)
+    and refuse a prompt + completion that can exceed the model's ``positions``; returns the number cut."""
+    cut = [n for n in lengths if max_prompt_length is not None and n > max_prompt_length]
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(lengths)} {name} prompts are longer than max_prompt_length = "
+                      f"{max_prompt_length} tokens (the longest: {max(cut)}): they keep only their last "
+                      f"{max_prompt_length} tokens; raise max_prompt_length to keep them whole", UserWarning,
+                      stacklevel=3)  # fmt: skip
+    kept = [min(n, max_prompt_length or n) for n in lengths]
+    row = max(range(len(kept)), key=kept.__getitem__)
+    budget, tokens = new_tokens
+    if positions is not None and kept[row] + tokens > positions:
+        raise ValueError(
+            f"the longest {name} prompt (row {row}: {kept[row]} tokens) + {budget} {tokens} = {kept[row] + tokens} "
+            f"tokens exceeds the model's max_position_embeddings = {positions}; lower max_prompt_length or {budget}"
+        )
+    return len(cut)
 
 
 def check_tokenizer(tokenizer, model: nn.Module) -> None:

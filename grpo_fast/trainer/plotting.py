@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
+
+from .metrics import read_records
+from .writes import reported
 
 # (panel title, metric keys tried in order: the first one present in the log is drawn)
 PANELS = (
@@ -15,11 +18,12 @@ PANELS = (
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Every record of run_dir/metrics.jsonl, in file order."""
+    """Every record of run_dir/metrics.jsonl, in file order; a torn last line (a live run writing it) is
+    skipped; null values (non-finite metrics) stay None."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; is {run_dir} a training run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_records(path, "skipped")]
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -39,7 +43,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             note = f"{' / '.join(keys)} not logged" + ("\n(beta = 0: no reference model)" if title == "kl" else "")
             ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
         else:
-            points = [(r["step"], r[key]) for r in records if key in r]
+            points = [(r["step"], math.nan if r[key] is None else r[key]) for r in records if key in r]
             ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, markersize=3)
             ax.set_ylabel(key)
         ax.set_title(title)
@@ -47,5 +51,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(str(run_dir))
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=100)
+    with reported(out, "plot_run(out=...)"):
+        fig.savefig(out, dpi=100)
     return out

@@ -4,7 +4,9 @@ the protocol the trainer calls them with.
 Protocol (TRL's): ``fn(prompts, completions, **kwargs) -> list[float | None]`` with one entry per
 completion. ``prompts`` and ``completions`` are strings (or chat message lists for conversational
 data); kwargs carry every dataset column except ``prompt`` (e.g. ``answer``), plus ``completion_ids``
-(list of token-id lists, EOS included). ``None`` means "this function does not apply to this sample":
+(list of token-id lists, EOS included). A dataset column named like an argument the protocol reserves
+(``RESERVED_ARGUMENTS``: the sampled text and what TRL passes besides) is refused, never passed: it would
+replace the sampled text. ``None`` means "this function does not apply to this sample":
 it becomes NaN and is left out of the weighted sum, as in TRL. A tuple, 1-d tensor or 1-d numpy array of
 Python or numpy numbers is taken as the list it holds.
 
@@ -16,6 +18,8 @@ the error instead and scores that function's batch as None, so training continue
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
 import numbers
@@ -28,12 +32,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 RewardFunction = Callable[..., list]
+RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")  # never dataset columns
 ON_ERROR = ("raise", "skip")
 logger = logging.getLogger(__name__)
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _GSM8K = re.compile(r"####\s*([^\n]+)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_PLAIN_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 
 
@@ -97,33 +103,127 @@ def normalize_answer(answer: str) -> str:
     return str(int(value)) if value == int(value) else repr(value)
 
 
+def gold_answer(gold: str) -> str | None:
+    """The answer in a gold column's text: after GSM8K's ``#### x``, inside the last ``\\boxed{}``, else the
+    whole text stripped (None for a ``\\boxed{`` without its closing brace)."""
+    marked = _GSM8K.findall(gold)
+    if marked:
+        return marked[-1].strip()
+    if "\\boxed" in gold:
+        boxed = _last_boxed(gold)
+        return None if boxed is None else boxed.strip()
+    return gold.strip()
+
+
 def answers_match(predicted: str | None, gold: str) -> bool:
-    """True when the normalised answers are equal (the gold may be a full GSM8K solution)."""
+    """True when the normalised answers are equal (the gold may be a full GSM8K solution or hold a
+    ``\\boxed{}``): the plain normaliser, no mathematics."""
     if predicted is None:
         return False
-    gold_answer = extract_answer(gold) if "####" in gold or "\\boxed" in gold else gold
-    return gold_answer is not None and normalize_answer(predicted) == normalize_answer(gold_answer)
+    expected = gold_answer(gold)
+    return expected is not None and normalize_answer(predicted) == normalize_answer(expected)
+
+
+def math_verify_match(predicted: str | None, gold: str) -> bool:
+    """True when ``answers_match`` says so or math-verify proves the answers equal (LaTeX, fractions,
+    radicals, percentages, sets, intervals, equations ``x = 2`` against ``2``). Needs math-verify.
+
+    In the main thread math-verify's own 5 s limits (SIGALRM) apply; in another thread (the trainer's
+    ``reward_timeout`` runs reward functions in one) signals cannot be used, and ``reward_timeout`` is the
+    limit."""
+    from math_verify import parse, verify
+
+    if answers_match(predicted, gold):
+        return True
+    expected = gold_answer(gold)
+    if predicted is None or expected is None or (_is_plain_number(predicted) and _is_plain_number(expected)):
+        return False  # two plain numbers the normaliser found unequal: no parse needed (GSM8K, the toy task)
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(f"\\boxed{{{expected}}}", parsing_timeout=limit)
+    answer_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=limit)
+    return bool(gold_parsed and answer_parsed and verify(gold_parsed, answer_parsed, timeout_seconds=limit))
+
+
+def _is_plain_number(text: str) -> bool:
+    return _PLAIN_NUMBER.fullmatch(text.strip().strip("$").strip()) is not None
+
+
+@functools.cache
+def answer_matcher() -> Callable[[str | None, str], bool]:
+    """How ``accuracy`` compares answers: ``math_verify_match`` when math-verify is installed, else
+    ``answers_match``; the first call says which (logger ``grpo_fast.trainer.rewards``, WARNING)."""
+    if importlib.util.find_spec("math_verify") is None:
+        logger.warning("accuracy: math-verify is not installed; answers are compared by the plain normaliser "
+                       "(numbers and text; LaTeX such as \\frac{1}{2} against 0.5 scores 0): pip install "
+                       "'grpo-fast[math]' to verify them mathematically")  # fmt: skip
+        return answers_match
+    logger.warning("accuracy: answers are verified mathematically with math-verify")
+    return math_verify_match
 
 
 def accuracy_reward(prompts, completions, answer=None, solution=None, **kwargs) -> list[float | None]:
-    """1.0 if the extracted final answer equals the gold one, else 0.0 (DeepSeek-R1 accuracy reward).
+    """1.0 if the extracted final answer equals the gold one, else 0.0 (DeepSeek-R1 accuracy reward);
+    compared by ``answer_matcher()`` (math-verify when installed).
 
-    The gold answer comes from the ``answer`` column (GSM8K style, "#### x" allowed) or, failing that,
-    ``solution`` (TRL's math datasets); a sample with no gold answer gets None.
+    The gold answer comes from the ``answer`` column (GSM8K's "#### x" and ``\\boxed{}`` are extracted)
+    or, failing that, ``solution`` (TRL's math datasets); a sample with no gold answer gets None.
     """
     gold = answer if answer is not None else solution
     if gold is None:
         return [None] * len(completions)
+    match = answer_matcher()
     return [
-        None if g is None else float(answers_match(extract_answer(completion_text(c)), str(g)))
+        None if g is None else float(match(extract_answer(completion_text(c)), str(g)))
         for c, g in zip(completions, gold, strict=True)
     ]
+
+
+FORMAT_STYLES = {
+    "think_answer": "<think>...</think><answer>...</answer> (DeepSeek-R1)",
+    "think": "<think>...</think> then the answer as text (Qwen3)",
+    "boxed": "an optional <think>...</think>, then text with the answer in \\boxed{...}",
+}
+_THINK = re.compile(r"^\s*<think>.*?</think>(.*)$", re.DOTALL)
 
 
 def format_reward(prompts, completions, **kwargs) -> list[float]:
     """1.0 if the completion is exactly ``<think>...</think><answer>...</answer>`` (whitespace allowed
     around the blocks), else 0.0 (DeepSeek-R1 format reward)."""
     return [float(bool(_FORMAT.match(completion_text(c)))) for c in completions]
+
+
+def make_format_reward(style: str = "think_answer") -> RewardFunction:
+    """The ``format`` reward for one of ``FORMAT_STYLES``; every style's function is named ``format_reward``
+    (its metrics are ``rewards/format_reward/*``)."""
+    if style not in FORMAT_STYLES:
+        raise ValueError(f"format_style must be one of {sorted(FORMAT_STYLES)}, got {style!r}")
+    if style == "think_answer":
+        return format_reward
+    check = _think_then_text if style == "think" else _boxed_answer
+
+    def styled(prompts, completions, **kwargs) -> list[float]:
+        return [float(check(completion_text(c))) for c in completions]
+
+    styled.__name__ = styled.__qualname__ = "format_reward"
+    styled.__doc__ = f"1.0 if the completion is {FORMAT_STYLES[style]}, else 0.0."
+    return styled
+
+
+def _think_then_text(text: str) -> bool:
+    """One ``<think>`` block first, then a non-blank answer with no think tag in it."""
+    found = _THINK.match(text)
+    rest = found.group(1) if found else ""
+    return bool(rest.strip()) and "<think>" not in rest and "</think>" not in rest
+
+
+def _boxed_answer(text: str) -> bool:
+    """An optional leading ``<think>`` block, then text holding a balanced, non-empty ``\\boxed{}``."""
+    found = _THINK.match(text)
+    rest = found.group(1) if found else text
+    if "<think>" in rest or "</think>" in rest:
+        return False
+    boxed = _last_boxed(rest)
+    return boxed is not None and bool(boxed.strip())
 
 
 def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int) -> RewardFunction:
@@ -154,11 +254,22 @@ def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int)
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}
 
 
-def get_reward_function(name: str) -> RewardFunction:
-    """A built-in reward function by name (see ``REWARD_FUNCTIONS``)."""
+def get_reward_function(name: str, format_style: str = "think_answer") -> RewardFunction:
+    """A built-in reward function by name (see ``REWARD_FUNCTIONS``); ``format`` in ``format_style``."""
     if name not in REWARD_FUNCTIONS:
         raise ValueError(f"unknown reward function {name!r}; built-in ones are {sorted(REWARD_FUNCTIONS)}")
-    return REWARD_FUNCTIONS[name]
+    return make_format_reward(format_style) if name == "format" else REWARD_FUNCTIONS[name]
+
+
+def check_reward_columns(columns, name: str) -> None:
+    """ValueError when ``name`` (a dataset) has a column named like a reserved reward argument."""
+    for column in columns:
+        if column in RESERVED_ARGUMENTS:
+            raise ValueError(
+                f"{name} has a column {column!r}, a name reward functions receive the sampled text (or trainer "
+                f"data) under ({', '.join(RESERVED_ARGUMENTS)} are reserved): it would replace it; rename it, e.g. "
+                f"{name}.rename_column({column!r}, 'reference_{column}')"
+            )
 
 
 def reward_name(fn) -> str:

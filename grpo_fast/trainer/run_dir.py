@@ -6,7 +6,9 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -28,6 +30,44 @@ FIXED_ON_RESUME = ("seed", "num_generations", "num_iterations")  # the rest may 
 
 class OutputDirInUseError(RuntimeError):
     """output_dir's lock is held by another run."""
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # preemption (Slurm, Kubernetes, spot instances); Slurm's --signal
+
+
+class StopSignal(KeyboardInterrupt):
+    """A stop signal (``STOP_SIGNALS``) during ``train``: handled as Ctrl-C; the CLI exits with 128 + signum."""
+
+    def __init__(self, signum: int):
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
+@contextlib.contextmanager
+def stop_signals(raise_at_once: bool = True):
+    """Within the block, catch the first stop signal (a repeat, e.g. while the checkpoint is saved, is
+    ignored) and yield the list that records it. ``raise_at_once``: StopSignal is raised in the main thread
+    right away (one process, as Ctrl-C); else it is only recorded, for the trainer to act on at the next
+    step boundary together with the other ranks. The previous handlers are restored after. Outside the
+    main thread (where Python cannot install handlers) nothing is installed."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            if raise_at_once:
+                raise StopSignal(signum)
+
+    signums = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield received
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, signal.SIG_DFL if old is None else old)
 
 
 def _read_trainer_state(path: Path) -> TrainerState:
@@ -184,21 +224,37 @@ class RunDirectory:
             print(f"overwrite_output_dir: deleted {len(old)} checkpoint(s) of an earlier run in {self.run_dir}",
                   file=sys.stderr)  # fmt: skip
 
-    def _save_on_interrupt(self) -> None:
-        """After Ctrl-C: save the last finished step (unless saved already); one process only (with several,
-        a save is collective and the ranks may be anywhere)."""
+    def _save_on_interrupt(self, why: str = "interrupted") -> None:
+        """After Ctrl-C (or a stop signal, ``why`` its name): save the last finished step (unless saved
+        already); one process only (with several, a save is collective and the ranks may be anywhere)."""
         if self.dist.enabled or not self.dist.is_main:
             return
         if self._step_start is not None:  # interrupted mid-step
             if self._weights_changed:
                 last = "none" if self._saved_step is None else f"checkpoint-{self._saved_step}"
-                print(f"interrupted during the update of step {self._step_start.step + 1}: the weights are between "
+                print(f"{why} during the update of step {self._step_start.step + 1}: the weights are between "
                       f"two steps, so no checkpoint was saved (the last one: {last})", file=sys.stderr)  # fmt: skip
                 return
             self.state, self._step_start = self._step_start, None  # (sampling had moved the data cursor)
         if self.state.step > 0 and self.state.step != self._saved_step:
             path = self.save_checkpoint()
-            print(f"interrupted: saved {path} (step {self.state.step}); continue with --resume", file=sys.stderr)
+            print(f"{why}: saved {path} (step {self.state.step}); continue with --resume", file=sys.stderr)
+
+    def _stop_if_signalled(self, received: list[int]) -> None:
+        """Several processes: a stop signal that any rank received (``received``: this rank's) is acted on
+        here, at a step boundary, by every rank together: save the step (a collective), then raise
+        StopSignal on every rank."""
+        if not self.dist.enabled:
+            return  # one process: the handler raised at once
+        signum = self.dist.max_int(received[0] if received else 0)
+        if not signum:
+            return
+        stop = StopSignal(signum)
+        if self.state.step != self._saved_step:
+            path = self.save_checkpoint()
+            if self.dist.is_main:
+                print(f"{stop.name}: saved {path} (step {self.state.step}); continue with --resume", file=sys.stderr)
+        raise stop
 
     def _resume(self, resume_from_checkpoint) -> None:
         if not resume_from_checkpoint:

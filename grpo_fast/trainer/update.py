@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import PER_SEQUENCE_NORMALISED
 from ..linear import linear_grpo_loss, linear_token_logprobs
+from ..objective import high_entropy_mask, masked_mean, off_policy_mask
 from .batch import Batch
 from .decoding import unsupported_reason
 from .distributed import no_sync
@@ -67,19 +68,19 @@ class PolicyUpdate:
     def optimizer_step(self, batch: Batch, old_logprobs, ref_logprobs, importance_ratio=None) -> dict[str, float]:
         """Gradient accumulation over micro-batches, clipping, one AdamW step and one scheduler step.
 
-        Normalisers are those of the whole generation batch, over every rank: dapo/cispo divide by its
+        Normalisers are those of the whole generation batch, over every rank: dapo/cispo/vespo divide by its
         number of loss tokens (num_items_in_batch); grpo, sapo, luspo and dr_grpo by its number of
         sequences (the loss function divides a micro-batch by its own rows * GA, so the loss is rescaled
         by world_size * rows * GA / all rows: exactly 1 for equal, full micro-batches); bnpo keeps TRL's
         per-micro-batch token mean. DDP/FSDP average gradients over the ranks, hence the factor
-        world_size (for dapo/cispo via LossConfig.world_size): the averaged gradient is the gradient of the
+        world_size (for dapo/cispo/vespo via LossConfig.world_size): the averaged gradient is the gradient of the
         1-process loss. Every rank runs as many forward/backward passes as the rank with the most
         micro-batches (zero-loss passes where it has none left), so the gradient all-reduces pair up.
         """
         cfg, d = self.config, self.dist
         mask = self.loss_mask(batch.rollout)  # (B, T)
         counts = d.all_reduce(torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64))
-        num_items = max(float(counts[0]), 1.0)  # loss tokens in the global generation batch (dapo/cispo)
+        num_items = max(float(counts[0]), 1.0)  # loss tokens in the global generation batch (dapo/cispo/vespo)
         all_rows = float(counts[1])
         self.optimizer.zero_grad(set_to_none=True)
         shared = self.shared_prompts(batch)
@@ -100,25 +101,33 @@ class PolicyUpdate:
                     else:
                         hidden = self._policy(r.prompt_ids, r.prompt_mask, r.completion_ids)
                 hidden, weight, bias = self._head_operands(hidden, self.head)
+                sampling = _rows(batch.sampling_logprobs, rows, t)
+                old = _rows(old_logprobs, rows, t)
+                adv = batch.advantages[rows]
+                policy_mask, entropy_mask, mask_metrics = self._loss_masks(
+                    hidden, weight, bias, r.completion_ids, adv, mask[rows, :t], old, sampling
+                )
                 out = linear_grpo_loss(
                     hidden,
                     weight,
                     r.completion_ids,
-                    batch.advantages[rows],
+                    adv,
                     mask[rows, :t],
-                    _rows(old_logprobs, rows, t),
+                    old,
                     _rows(ref_logprobs, rows, t),
                     bias=bias,
                     config=self.loss_config,
                     importance_ratio=_ratio_rows(importance_ratio, rows, t),
                     num_items_in_batch=num_items,
+                    policy_mask=policy_mask,
+                    entropy_mask=entropy_mask,
                 )
                 scale = self._loss_scale(len(rows), all_rows)
                 loss = out.loss if scale == 1.0 else out.loss * scale
                 loss.backward()
             loss_sum += loss.item()
             tokens, sequences = float(mask[rows, :t].sum()), float(len(rows))
-            for name, value in out.metrics.items():
+            for name, value in {**out.metrics, **mask_metrics}.items():
                 w = sequences if self._per_sequence_metric(name) else tokens
                 weighted[name] += float(value) * w
                 weights[name] += w
@@ -129,14 +138,51 @@ class PolicyUpdate:
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         sums["grad_norm"] = _clip_gradients(params, max_norm)
         sums["learning_rate"] = self.scheduler.get_last_lr()[0]
+        if cfg.entropy_coef != 0.0:  # TRL logs the coefficient whenever the bonus is on
+            sums["entropy_coef"] = cfg.entropy_coef
         sums["updates_skipped"] = 0.0
         if math.isfinite(sums["loss"]) and math.isfinite(sums["grad_norm"]):
             self._weights_changed = True  # (a Ctrl-C from here on cannot save this step's start)
             self.optimizer.step()
         else:
             sums["updates_skipped"] = self._nonfinite_update(sums["loss"], sums["grad_norm"])
-        self.scheduler.step()  # the LR schedule follows the step count, applied or not
+        self._schedule_step(skipped=bool(sums["updates_skipped"]))
         return sums
+
+    def _loss_masks(self, hidden, weight, bias, ids, advantages, mask, old, sampling):
+        """(policy_mask, entropy_mask, metrics) of one update pass, TRL's masks (see ``grpo_objective``): the
+        off-policy sequence mask (off_policy_mask_threshold; against the sampler's log-probs, else the old
+        policy's, else the current ones: then nothing is dropped) times the high-entropy token mask
+        (top_entropy_quantile < 1; the quantile over this pass's tokens, as TRL takes it over a micro-batch),
+        which is also the entropy bonus's. They need the current log-probs / entropies first: one forward-only
+        GEMM pass. metrics: the share of the pass's loss tokens each mask keeps."""
+        cfg = self.config
+        quantile = cfg.top_entropy_quantile < 1.0
+        if cfg.off_policy_mask_threshold is None and not quantile:
+            return None, None, {}
+        with torch.no_grad():
+            current = linear_token_logprobs(hidden.detach(), weight.detach(), ids,
+                                            None if bias is None else bias.detach(), cfg.temperature,
+                                            return_entropy=quantile, mask=mask)  # fmt: skip
+        policy_mask = entropy_mask = None
+        metrics = {}
+        if cfg.off_policy_mask_threshold is not None:
+            reference = sampling if sampling is not None else old if old is not None else current.logprobs
+            policy_mask = off_policy_mask(advantages, current.logprobs, reference, mask, cfg.off_policy_mask_threshold)
+            metrics["off_policy_mask/kept_fraction"] = masked_mean(policy_mask.expand_as(mask), mask)
+        if quantile:
+            entropy_mask = high_entropy_mask(current.entropy, mask, cfg.top_entropy_quantile)
+            policy_mask = entropy_mask if policy_mask is None else policy_mask * entropy_mask
+            metrics["top_entropy_mask/kept_fraction"] = masked_mean(entropy_mask, mask)
+        return policy_mask, entropy_mask, metrics
+
+    def _schedule_step(self, skipped: bool) -> None:
+        """The LR schedule follows the step count, the update applied or not. When the run's first update is
+        skipped, torch warns that the schedule steps before the optimizer ever did: here that is by design."""
+        with warnings.catch_warnings():
+            if skipped:
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
 
     def _nonfinite_update(self, loss: float, grad_norm: float) -> float:
         """A NaN/inf loss or gradient norm: the update is not applied. on_nonfinite="raise": NonFiniteError
@@ -186,7 +232,7 @@ class PolicyUpdate:
         """Factor on a micro-batch's loss so that the rank-averaged gradient is the global one (see above)."""
         if self.config.loss_type in PER_SEQUENCE_NORMALISED:
             return self.dist.world_size * rows * self.config.gradient_accumulation_steps / all_rows
-        return 1.0  # dapo/cispo: LossConfig.world_size; bnpo: per-micro-batch mean (TRL)
+        return 1.0  # dapo/cispo/vespo: LossConfig.world_size; bnpo: per-micro-batch mean (TRL)
 
     def _per_sequence_metric(self, name: str) -> bool:
         """Metrics that are means over sequences (sequence-level clip fractions), not over tokens."""
@@ -309,6 +355,8 @@ class PolicyUpdate:
         layer would run: the backbone's final norm keeps fp32 under autocast, which would send the fused
         kernels to their fp32 variants (no tensor cores). Gradients still accumulate in fp32 (.grad)."""
         operands = (hidden, head.weight, head.bias)
+        if self.config.cast_lm_head_to_fp32:  # TRL's option: the head in float32 whatever the autocast dtype
+            return tuple(None if x is None else x.float() for x in operands)
         if not self.use_bf16:
             return operands
         return tuple(None if x is None else x.to(torch.bfloat16) for x in operands)
