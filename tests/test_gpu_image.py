@@ -126,3 +126,13 @@ def test_carried_wheels_dry_run_times_trl_too(image, tmp_path):
     results = data["trainer"]["results"]
     assert data["trainer"]["trainers"] == ["grpo_fast", "trl"] and results["trl"]["step_s"] > 0
     assert results["grpo_fast"]["step_s"] > 0
+
+
+def test_a_build_step_without_network_skips_saying_why_and_an_offline_one_fails():
+    fails = [sys.executable, "-c", "import sys; print('ERROR: Could not find a version (no network)'); sys.exit(1)"]
+    with pytest.warns(UserWarning, match="cannot be built"), pytest.raises(pytest.skip.Exception) as skipped:
+        _step(fails, "pip install -r gpu_image.txt", network=True)
+    assert "pip install -r gpu_image.txt failed; no network to PyPI?" in str(skipped.value)
+    assert "Could not find a version (no network)" in str(skipped.value)  # pip's own words, printed
+    with pytest.raises(pytest.fail.Exception, match="the offline install failed"):
+        _step(fails, "the offline install", network=False)
