@@ -3,11 +3,11 @@ packages the check compares with, and every package they need that the GPU image
 
     bash bench/gpu_wheels.sh DIR [--python 3.10|3.11|3.12]     # default 3.12, the image's Python
 
-The image is ``bench/gpu_image.txt`` (torch, Triton, transformers, numpy, pytest). pip resolves, without
-downloading a wheel, what the image holds and what the image plus CARRIED needs, for the target Python on
-manylinux x86_64; the difference is fetched one wheel at a time, pure Python (``none-any``) where such a
-wheel exists, else the platform wheel. Each package of CARRIED comes with the missing packages it needs,
-as a group, in CARRIED's order; a group that would take the folder past ``--limit-mib`` (64: what a device
+The image is ``bench/gpu_image.txt`` (torch, Triton, transformers, numpy, pytest). pip resolves (``install
+--dry-run --report``: nothing installed) what the image holds and what the image plus CARRIED needs, for the
+target Python on manylinux x86_64; the difference is fetched one wheel at a time, pure Python (``none-any``)
+where such a wheel exists, else the platform wheel. Each package of CARRIED comes with the missing packages it
+needs, as a group, in CARRIED's order; a group that would take the folder past ``--limit-mib`` (64: what a device
 lease carries with a run) is left out whole, and said so. Nothing is installed here.
 """
 

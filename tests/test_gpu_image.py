@@ -4,10 +4,11 @@ pytest, setuptools 65 (68 on 3.12); none of trl, liger-kernel, datasets, pandas,
 with this Python: bare, then with the wheels ``bench/gpu_wheels.sh`` fetches for that Python.
 
 The venv is kept in ``.venv-gpu-image/`` at the repository root (gitignored), keyed on the image file, the
-wheel script, this Python and the checkout's path: a change of any rebuilds it. Building it needs PyPI (about
-3 GB: torch brings CUDA libraries); where that fails the tests skip and say why. grpo_fast goes in the way
-docs/cuda.md says to install it on the GPU machine: offline, ``pip install --no-deps --no-build-isolation -e .``
-with the old setuptools (the ``wheel`` package from the carried folder on PYTHONPATH); that step failing fails.
+packages bench/gpu_wheels.py carries, this Python and the checkout's path: a change of any rebuilds it.
+Building it needs PyPI (about 3 GB: torch brings CUDA libraries); where that fails the tests skip and say why.
+grpo_fast goes in the way docs/cuda.md says to install it on the GPU machine: offline, ``pip install --no-deps
+--no-build-isolation -e .`` with the old setuptools (the ``wheel`` package from the carried folder on
+PYTHONPATH); that step failing fails.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu_wheels
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-gpu-image"
 IMAGE = ROOT / "bench" / "gpu_image.txt"
@@ -36,7 +39,9 @@ pytestmark = pytest.mark.slow  # cold: ~6 min to build the venv (network), then 
 
 
 def _key() -> str:
-    parts = [IMAGE.read_bytes(), (ROOT / "bench" / "gpu_wheels.py").read_bytes(), sys.version.encode(), bytes(ROOT)]
+    """What the venv and its wheels are made from: the image, the carried requests, this Python, the checkout."""
+    wheels = repr((gpu_wheels.CARRIED, gpu_wheels.SIZE_CAPS, gpu_wheels.PLATFORMS)).encode()
+    parts = [IMAGE.read_bytes(), wheels, sys.version.encode(), bytes(ROOT)]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()
 
 
