@@ -51,11 +51,11 @@ def target(python: str, platform: bool = True) -> list[str]:
             *(arg for p in plats for arg in ("--platform", p))]  # fmt: skip
 
 
-def resolve(python: str, work: Path, name: str, *requirements: str) -> dict[str, dict]:
+def resolve(python: str, work: Path, name: str, *requirements: str, quiet_failure=False) -> dict[str, dict]:
     """canonical name -> pip's report entry of everything ``requirements`` install (nothing downloaded but metadata)."""
     report = work / f"{name}.json"
     pip("install", "--dry-run", "--ignore-installed", "--target", str(work / "t"), "--report", str(report),
-        *target(python), *requirements)  # fmt: skip
+        *target(python), *requirements, quiet_failure=quiet_failure)  # fmt: skip
     return {canonicalize_name(e["metadata"]["name"]): e for e in json.loads(report.read_text())["install"]}
 
 
@@ -68,11 +68,28 @@ def needs(entry: dict, python: str) -> list[str]:
     return [canonicalize_name(r.name) for r in reqs if r.marker is None or r.marker.evaluate(env)]
 
 
-def groups(carried: dict[str, dict], python: str) -> list[tuple[str, list[str]]]:
-    """Per package of CARRIED (in order): it and the missing packages it needs that no earlier group brought."""
+def installable(python: str, work: Path, pins: Path) -> tuple[list[str], list[str]]:
+    """(the requests of CARRIED that resolve on the image for ``python``, those that do not: e.g. trl 1.16 needs
+    Python >= 3.11). All at once first; only if that fails, one by one."""
+    image = ("-r", str(IMAGE), "-c", str(pins), *SIZE_CAPS)
+    try:
+        resolve(python, work, "all", *image, *CARRIED, quiet_failure=True)
+        return list(CARRIED), []
+    except subprocess.CalledProcessError:
+        failed = []
+        for request in CARRIED:
+            try:
+                resolve(python, work, "one", *image, request, quiet_failure=True)
+            except subprocess.CalledProcessError:
+                failed.append(request)
+        return [r for r in CARRIED if r not in failed], failed
+
+
+def groups(requests: list[str], carried: dict[str, dict], python: str) -> list[tuple[str, list[str]]]:
+    """Per request (in order): it and the missing packages it needs that no earlier group brought."""
     taken: set[str] = set()
     out = []
-    for request in CARRIED:
+    for request in requests:
         todo, group = [canonicalize_name(Requirement(request).name)], []
         while todo:
             name = todo.pop()
@@ -107,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         image = resolve(args.python, work, "image", "-r", str(IMAGE))
         pins = work / "image-pins.txt"
         pins.write_text("".join(f"{e['metadata']['name']}=={e['metadata']['version']}\n" for e in image.values()))
-        everything = resolve(args.python, work, "carried", "-r", str(IMAGE), "-c", str(pins), *CARRIED, *SIZE_CAPS)
+        requests, unavailable = installable(args.python, work, pins)
+        everything = resolve(args.python, work, "carried", "-r", str(IMAGE), "-c", str(pins), *requests, *SIZE_CAPS)
         carried = {name: e for name, e in everything.items() if name not in image}
         used = sum(w.stat().st_size for w in args.dir.glob("*.whl"))
         left_out = []
-        for request, names in groups(carried, args.python):
+        for request, names in groups(requests, carried, args.python):
             staged = work / canonicalize_name(Requirement(request).name)
             staged.mkdir()
             wheels = [fetch(n, carried[n]["metadata"]["version"], args.python, staged) for n in names]
@@ -126,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.dir}: {used / 2**20:.1f} MiB of wheels for CPython {args.python} (limit {args.limit_mib:g} MiB)")
     for item in left_out:
         print(f"left out, past the size limit: {item}")
+    for request in unavailable:
+        print(f"left out, no release for CPython {args.python} on this image: {request}")
     return 0
 
 
