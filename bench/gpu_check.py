@@ -22,14 +22,15 @@ raise at their start, ``GPU_CHECK_STALL=...`` hang after saving a partial result
 still complete, and that a section is stopped at the end of its time box with what it saved kept.
 ``--wheels DIR`` installs each wheel in DIR on its own (``bench/gpu_wheels.sh`` prepares them) into a temporary
 folder (inside sys.prefix where writable: see ``wheel_site``; removed at the end) put on the sections'
-PYTHONPATH, without network and without installing into the environment; a wheel that
-does not install is named and makes the exit status 1. A section that cannot import an optional package
-(``OPTIONAL``) is skipped with the reason, not failed. ``--budget-s`` counts from the start of this process.
+PYTHONPATH, without network and without installing into the environment; a wheel that does not install is
+named and makes the exit status 1. A section that cannot import an optional package (``OPTIONAL``) is
+skipped with the reason, not failed. ``--budget-s`` counts from the start of this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -232,7 +233,8 @@ def install_wheels(folder: Path, log, site: str) -> tuple[str | None, dict]:
         if out.returncode == 0:
             installed.append(wheel.name)
         else:
-            failed[wheel.name] = (out.stderr or out.stdout).strip().splitlines()[-1][-500:]
+            said = (out.stderr or out.stdout).strip().splitlines() or [f"pip's exit code {out.returncode}"]
+            failed[wheel.name] = said[-1][-500:]
     record = {"status": "failed" if failed else "ok", "installed": installed, "target": site}
     if failed:
         record.update(failed=failed, reason=f"{len(failed)} of {len(wheels)} wheels did not install: "
@@ -254,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     run = Run(args, argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill from outside still stops the section
+    wheels_dir = wheel_site() if args.wheels is not None else contextlib.nullcontext()
     with open(args.out / "gpu_check.log", "a") as log, tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp,\
-            wheel_site() as site_dir:  # fmt: skip
+            wheels_dir as site_dir:  # fmt: skip
         site = None
         if args.wheels is not None:
             site, run.data["wheels"] = install_wheels(args.wheels, log, site_dir)
