@@ -30,6 +30,10 @@ from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="the two processes are forked"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("datasets") is None,
+        reason="needs the datasets package (every run here trains on grpo_fast.r1.toy's datasets)",
+    ),
     pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
 ]
 
