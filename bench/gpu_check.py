@@ -2,13 +2,13 @@
 close to the measured hardware limits are they, how does the trainer compare with TRL's.
 
     python -m bench.gpu_check --out DIR [--budget-s 480] [--quick] [--wheels WHEELS_DIR]
-    python -m bench.gpu_check --dry-run --out DIR     # the same code paths on CPU at tiny shapes (~1-2 min)
+    python -m bench.gpu_check --dry-run --out DIR     # the same code paths on CPU at tiny shapes (~3-4 min)
 
 Sections, in order, each in its own process with its own time box (a share of what is left of
 ``--budget-s``; time a section does not use goes to the ones after it):
   environment  GPU, SM count, driver, versions; measured copy bandwidth and bf16 / fp32 GEMM rates
   tests        the public ops at real shapes against the float64 reference (bench.gpu_kernels), then
-               ``pytest -m "triton or gpu"`` (the dry run: three Triton tests under the interpreter)
+               ``pytest -m "triton or gpu" tests`` (the dry run: the same, Triton under the interpreter)
   kernels      log-probs and the GRPO loss from logits and from hidden states at Qwen2.5 / Llama-3 shapes,
                bf16 and fp32, against plain torch, torch.compile, TRL, Liger and Cut Cross-Entropy where
                they import: time, GB/s or TFLOP/s and % of the measured ceiling, peak memory
@@ -20,13 +20,17 @@ A section that fails, crashes or runs out of time is recorded with its reason an
 ``DIR/gpu_check.log`` holds the sections' output. ``GPU_CHECK_FAIL=kernels,...`` makes the named sections
 raise at their start, ``GPU_CHECK_STALL=...`` hang after saving a partial result: to check that the others
 still complete, and that a section is stopped at the end of its time box with what it saved kept.
-``--wheels DIR`` installs every wheel in DIR (``bench/gpu_wheels.sh`` prepares them) into a temporary
-folder put on the sections' PYTHONPATH, without network and without touching the environment.
+``--wheels DIR`` installs each wheel in DIR on its own (``bench/gpu_wheels.sh`` prepares them) into a temporary
+folder (inside sys.prefix where writable: see ``wheel_site``; removed at the end) put on the sections'
+PYTHONPATH, without network and without installing into the environment; a wheel that does not install is
+named and makes the exit status 1. A section that cannot import an optional package (``OPTIONAL``) is
+skipped with the reason, not failed. ``--budget-s`` counts from the start of this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -46,6 +50,10 @@ WEIGHTS = {"environment": 0.05, "tests": 0.23, "kernels": 0.38, "rollout": 0.1, 
 FAIL_ENV = "GPU_CHECK_FAIL"  # sections that raise at their start
 STALL_ENV = "GPU_CHECK_STALL"  # sections that save a partial result, then hang (to check the time box)
 MIN_SECTION_S = 5.0  # below this a section is not started
+END_MARGIN_S = 3.0  # the sections' time ends this long before --budget-s: the parent's last writes and exit
+# packages a section may need that the GPU image may lack: a section that cannot import one is skipped, not failed
+OPTIONAL = {"pytest", "trl", "accelerate", "datasets", "pandas", "pyarrow", "liger_kernel", "cut_cross_entropy",
+            "peft", "xxhash", "dill", "multiprocess"}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,9 +97,12 @@ def run_section(args: argparse.Namespace) -> int:
         gpu_sections.SECTIONS[args.section](ctx)
     except Exception as err:
         traceback.print_exc()
-        state.update(
-            status="failed", reason=f"{type(err).__name__}: {err}"[:2000], traceback=traceback.format_exc()[-4000:]
-        )
+        missing = err.name if isinstance(err, ModuleNotFoundError) else None
+        if missing and missing.split(".")[0] in OPTIONAL:
+            state.update(status="skipped", reason=f"needs the {missing} package, which does not import here ({err})")
+        else:
+            state.update(status="failed", reason=f"{type(err).__name__}: {err}"[:2000],
+                         traceback=traceback.format_exc()[-4000:])  # fmt: skip
     if state["status"] == "running":
         state["status"] = "ok"
     gpu_report.write_atomic(args.state, json.dumps(state, indent=1, default=str))
@@ -105,7 +116,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, argv: list[str]):
         self.out = args.out
         self.out.mkdir(parents=True, exist_ok=True)
-        self.start = time.time()
+        self.start = process_start()  # --budget-s counts from here: imports and CUDA set-up are inside it
         self.deadline = self.start + args.budget_s
         self.data = {
             "command": " ".join(["python -m bench.gpu_check", *argv]),
@@ -123,6 +134,17 @@ class Run:
         gpu_report.add_fractions(self.data)
         gpu_report.write_atomic(self.out / "gpu_check.json", json.dumps(self.data, indent=1, default=str) + "\n")
         gpu_report.write_atomic(self.out / "gpu_check.md", gpu_report.render(self.data) + "\n")
+
+
+def process_start() -> float:
+    """The wall-clock time this process started (Linux: from /proc), else now."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        since_boot = float(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): starttime, in ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - uptime + since_boot
 
 
 def section_env(args: argparse.Namespace, site: str | None) -> dict:
@@ -186,18 +208,38 @@ def _merge(run: Run, name: str, state: Path, seconds: float) -> None:
     run.write()
 
 
+def wheel_site() -> tempfile.TemporaryDirectory:
+    """A temporary folder for the carried wheels, inside ``sys.prefix`` where it can be: dill, which datasets
+    fingerprints with, pickles the classes of modules outside the prefixes by value, and fails on pyarrow's
+    (``MonthDayNano``), so TRL's and grpo_fast's ``Dataset.from_list`` would fail from a folder under /tmp."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=".gpu_check_wheels_", dir=sys.prefix)
+    except OSError:  # a prefix this user cannot write to
+        return tempfile.TemporaryDirectory(prefix="gpu_check_wheels_")
+
+
 def install_wheels(folder: Path, log, site: str) -> tuple[str | None, dict]:
-    """pip install every wheel of ``folder`` into ``site``, no index, no dependencies resolved."""
-    wheels = sorted(str(p) for p in folder.glob("*.whl"))
+    """pip install each wheel of ``folder`` into ``site`` on its own, no index, no dependencies resolved: a wheel
+    that does not install (another Python's, a broken file) is reported and the others still are."""
+    wheels = sorted(folder.glob("*.whl"))
     if not wheels:
         return None, {"status": "failed", "reason": f"no .whl files in {folder}"}
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-           "--no-cache-dir", "--target", site, *wheels]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    log.write(out.stdout + out.stderr)
-    if out.returncode != 0:
-        return None, {"status": "failed", "reason": (out.stderr or out.stdout)[-1500:], "wheels": wheels}
-    return site, {"status": "ok", "wheels": [Path(w).name for w in wheels], "target": site}
+    installed, failed = [], {}
+    for wheel in wheels:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--no-cache-dir", "--disable-pip-version-check", "--upgrade", "--target", site, str(wheel)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        log.write(f"== install {wheel.name}: exit code {out.returncode}\n{out.stdout}{out.stderr}")
+        if out.returncode == 0:
+            installed.append(wheel.name)
+        else:
+            said = (out.stderr or out.stdout).strip().splitlines() or [f"pip's exit code {out.returncode}"]
+            failed[wheel.name] = said[-1][-500:]
+    record = {"status": "failed" if failed else "ok", "installed": installed, "target": site}
+    if failed:
+        record.update(failed=failed, reason=f"{len(failed)} of {len(wheels)} wheels did not install: "
+                      + "; ".join(f"{name}: {why}" for name, why in failed.items()))  # fmt: skip
+    return (site if installed else None), record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,14 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     run = Run(args, argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill from outside still stops the section
-    with open(args.out / "gpu_check.log", "a") as log, tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+    wheels_dir = wheel_site() if args.wheels is not None else contextlib.nullcontext()
+    with open(args.out / "gpu_check.log", "a") as log, tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp,\
+            wheels_dir as site_dir:  # fmt: skip
         site = None
         if args.wheels is not None:
-            site, run.data["wheels"] = install_wheels(args.wheels, log, os.path.join(tmp, "site"))
+            site, run.data["wheels"] = install_wheels(args.wheels, log, site_dir)
         env = section_env(args, site)
         todo = [name for name in WEIGHTS if name in args.sections.split(",")]
         for i, name in enumerate(todo):
-            left = run.deadline - time.time()
+            left = run.deadline - END_MARGIN_S - time.time()
             seconds = left * WEIGHTS[name] / sum(WEIGHTS[n] for n in todo[i:])
             if seconds < MIN_SECTION_S:
                 run.data[name] = {"status": "skipped", "reason": f"no time left in --budget-s {args.budget_s:g}"}
@@ -229,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             run_one(run, args, name, seconds, env, log, Path(tmp))
     run.write()
     statuses = {name: run.data[name]["status"] for name in WEIGHTS}
+    if "wheels" in run.data:  # a wheel that did not install fails the run, whatever the sections did without it
+        statuses["wheels"] = run.data["wheels"]["status"]
     print(f"wrote {args.out}/gpu_check.json and gpu_check.md in {run.data['wall_s']:.0f} s: {statuses}")
     return 1 if "failed" in statuses.values() else 0
 

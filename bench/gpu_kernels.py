@@ -27,8 +27,8 @@ import torch
 
 import grpo_fast as gf
 from bench import checks, harness, linear_methods, logits_methods
+from bench.harness import skip_reason
 from bench.shapes import LLAMA3_V, QWEN25_V
-from bench.suite import skip_reason
 from grpo_fast import reference
 
 MODES = ("logprobs", "loss")

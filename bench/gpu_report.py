@@ -38,7 +38,9 @@ def render(data: dict) -> str:
         s = data[name]
         lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {_cell(s.get('reason', ''))} |")
     if "wheels" in data:
-        lines += ["", f"Wheels: {data['wheels']['status']} {', '.join(data['wheels'].get('wheels', []))}"]
+        w = data["wheels"]
+        lines += ["", f"Wheels: {w['status']}, installed {', '.join(w.get('installed', [])) or 'none'}"]
+        lines += [f"Wheels not installed: {_cell(w['reason'])}"] if w.get("reason") else []
     lines += _environment(data["environment"]) + _tests(data["tests"]) + _kernels(data["kernels"])
     lines += _rollout(data.get("rollout", {}))
     return "\n".join(lines + _trainer(data["trainer"]))
@@ -83,7 +85,8 @@ def _tests(s: dict) -> list[str]:
         p = s["pytest"]
         lines += [
             "",
-            f"pytest `{p['selection']}`: {p['status']}, {p['counts']}, {p['seconds']} s: {_cell(p['reason'])}",
+            f"pytest `{p['selection']}`: {p['status']}, {p.get('counts', {})}, {p.get('seconds', 0)} s: "
+            f"{_cell(p['reason'])}",
         ]
     return lines
 

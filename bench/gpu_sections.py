@@ -9,6 +9,7 @@ or "skipped" with a ``reason``; an exception is recorded as a failure by the cal
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -29,14 +30,10 @@ from bench.shapes import PROFILES, TrainerShape
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "datasets", "peft",
-            "accelerate", "pytest")  # fmt: skip
-# the dry run's pytest selection: three quick Triton tests (one per kernel file), under the interpreter
-DRY_RUN_TESTS = (
-    "tests/test_triton_token_stats.py::test_single_token_and_single_sequence",
-    "tests/test_triton_loss.py::test_triton_t1_and_fully_masked_batch",
-    "tests/test_triton_linear.py::test_without_entropy_forward_gives_zeros",
-)
-GPU_TESTS = ("-m", "triton or gpu", "tests")  # on a GPU: every test marked as running a Triton kernel or a GPU
+            "accelerate", "pandas", "pyarrow", "pytest")  # fmt: skip
+# every test marked as running a Triton kernel or a GPU: on the GPU with real kernels; in the dry run the same
+# selection, Triton under the interpreter and the gpu tests skipped (pytest imports every test module either way)
+GPU_TESTS = ("-m", "triton or gpu", "tests")
 
 
 @dataclass
@@ -129,18 +126,22 @@ def tests(ctx: Context) -> None:
         ctx.save()
     ctx.state["pytest"] = run_pytest(ctx)
     problems = [f"{op['case']}: {op.get('error') or op['errors']}" for op in ops if not op["ok"]]
-    if ctx.state["pytest"]["status"] != "ok":
-        problems.append(f"pytest: {ctx.state['pytest']['reason']}")
+    pytest_run = ctx.state["pytest"]
+    if pytest_run["status"] == "failed":
+        problems.append(f"pytest: {pytest_run['reason']}")
     ctx.state["status"] = "failed" if problems else "ok"
-    ctx.state["reason"] = "; ".join(problems)[:2000] if problems else "every op check and test passed"
+    ctx.state["reason"] = (
+        "; ".join(problems)[:2000] if problems else f"every op check passed; pytest: {pytest_run['reason']}"
+    )
 
 
 def run_pytest(ctx: Context) -> dict:
     """pytest in its own process, bounded by what is left of the section's time; outcomes read from its
     verbose output, so a run cut short still reports the tests it finished."""
-    selection = list(DRY_RUN_TESTS if ctx.dry_run else GPU_TESTS)
+    selection = list(GPU_TESTS)
+    if importlib.util.find_spec("pytest") is None:
+        return {"selection": " ".join(selection), "status": "skipped", "reason": "pytest is not installed here"}
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=short", *selection]
-    cmd += ["-p", "no:hypothesispytest"] if ctx.dry_run else []  # its start-up, for three tests that do not use it
     timeout = max(ctx.left() - 5, 1)
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -237,20 +238,15 @@ def trainer_shape(dry_run: bool) -> TrainerShape:
 
 def trainer(ctx: Context) -> None:
     """grpo_fast's GRPOTrainer step, and TRL's on the same model and batch when trl imports, steps alternating."""
-    from bench.trainer_steps import run_paired, trl_available
+    from bench.trainer_steps import run_paired, trl_unusable
 
-    try:
-        import datasets  # noqa: F401  (grpo_fast.trainer imports it at module level)
-    except ImportError as err:
-        ctx.state["status"] = "skipped"
-        ctx.state["reason"] = (f"grpo_fast.trainer needs the datasets package, which does not import here ({err}); "
-                               "carry it as wheels: bench/gpu_wheels.sh DIR, then --wheels DIR")  # fmt: skip
-        return
     shape = trainer_shape(ctx.dry_run)
-    trainers = ("grpo_fast", "trl") if trl_available() else ("grpo_fast",)
+    trl_reason = trl_unusable()  # TRL is skipped alone: grpo_fast's steps are timed whatever TRL's state
+    trainers = ("grpo_fast",) if trl_reason else ("grpo_fast", "trl")
     ctx.state.update(shape=shape.__dict__, trainers=list(trainers), steps={name: [] for name in trainers})
-    if "trl" not in trainers:
-        ctx.state["trl"] = "trl does not import here: grpo_fast alone (carry trl as a wheel to compare)"
+    if trl_reason:
+        ctx.state["trl"] = (f"skipped: TRL's GRPOTrainer does not import here ({trl_reason}); grpo_fast alone "
+                            "(carry trl and what it needs: bench/gpu_wheels.sh DIR, then --wheels DIR)")  # fmt: skip
 
     def on_step(name: str, i: int, report: dict) -> None:
         ctx.state["steps"][name].append({"warmup": i < shape.warmup, **report})
@@ -260,6 +256,7 @@ def trainer(ctx: Context) -> None:
     ctx.state["results"] = {name: _trainer_summary(shape, r) for name, r in result.items()}
     ctx.state["status"] = "ok"
     ctx.state["reason"] = f"{shape.rounds} timed steps of {', '.join(trainers)} after {shape.warmup} warm-up"
+    ctx.state["reason"] += "; TRL skipped: its trainer does not import" if trl_reason else ""
 
 
 def _trainer_summary(shape: TrainerShape, r: dict) -> dict:

@@ -298,3 +298,17 @@ def record_external(benchmark, durations: list[float]) -> None:
 
 def loadavg() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def skip_reason(method, device: torch.device) -> str | None:
+    """Why a bench method (logits_methods / linear_methods) cannot run here: it needs CUDA, or its optional
+    ``package`` (a module name, e.g. ``trl.trainer.utils``) does not import. None: it can."""
+    if method.needs_cuda and device.type != "cuda":
+        return f"{method.label}: needs CUDA ({method.note})"
+    package = getattr(method, "package", None)
+    if package is not None:
+        try:
+            __import__(package)
+        except ImportError as err:
+            return f"{method.label}: {package} does not import here ({type(err).__name__}: {err})"
+    return None

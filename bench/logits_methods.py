@@ -193,7 +193,7 @@ def methods(device: torch.device) -> list[Method]:
             "TRL selective_log_softmax + entropy_from_logits",
             trl_loss,
             trl_logprobs,
-            package="trl",
+            package="trl.trainer.utils",  # the module itself: `import trl` succeeds where its helpers' imports fail
             note="on CUDA TRL dispatches to its fused Triton kernel",
         ),
         Method(

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import harness
+from bench.harness import skip_reason
 
 _inputs: dict = {}
 
@@ -19,18 +20,6 @@ def cached_inputs(key, make: Callable):
         _inputs.clear()
         _inputs.update(key=key, x=make())
     return _inputs["x"]
-
-
-def skip_reason(method, device: torch.device) -> str | None:
-    if method.needs_cuda and device.type != "cuda":
-        return f"{method.label}: needs CUDA ({method.note})"
-    package = getattr(method, "package", None)
-    if package is not None:
-        try:
-            __import__(package)
-        except ImportError as err:
-            return f"{method.label}: {package} is not installed ({err})"
-    return None
 
 
 def bench_method(

@@ -50,7 +50,8 @@ def _model_and_data(device, shape: TrainerShape):
     from grpo_fast.r1 import toy
 
     tokenizer, model, reward = trainer_models.build(shape.model, device, seed=0)
-    data = toy.make_splits(num_train=2000, seed=0)["train"].remove_columns("completion")  # prompt, answer
+    rows = toy.addition_rows(toy.split_pairs(num_train=2000, seed=0)["train"])
+    data = [{"prompt": row["prompt"], "answer": row["answer"]} for row in rows]  # a list: no datasets needed
     return tokenizer, model, data, reward
 
 
@@ -134,6 +135,7 @@ def _child_grpo_fast(shape: TrainerShape, gc: bool, out: str, device, gate: _Gat
 
 
 def _child_trl(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> None:
+    from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -156,6 +158,7 @@ def _child_trl(shape: TrainerShape, gc: bool, out: str, device, gate: _Gate) -> 
     gate.split = hasattr(GRPOTrainer, "_generate_and_score_completions")  # another TRL version: no split
     trainer_class = Timed if gate.split else GRPOTrainer
     tokenizer, model, data, reward = _model_and_data(device, shape)
+    data = Dataset.from_list(data)  # TRL's trainer takes a Dataset (TRL needs datasets anyway)
     if shape.beta > 0:  # TRL loads its reference model by the policy's name: give it the same weights on disk
         model.save_pretrained(Path(out) / "initial")
         model = str(Path(out) / "initial")
@@ -215,12 +218,18 @@ class _Child:
                 self.proc.kill()
 
 
-def trl_available() -> bool:
+def trl_unusable() -> str | None:
+    """Why TRL's GRPOTrainer cannot run here (trl, or a package its trainer imports: accelerate, datasets, ...
+    is missing), or None."""
     try:
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        from trl import GRPOConfig, GRPOTrainer  # noqa: F401
+    except ImportError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def trl_available() -> bool:
+    return trl_unusable() is None
 
 
 def run_paired(shape: TrainerShape, gc: bool, trainers=TRAINERS, on_step=None) -> dict[str, dict]:

@@ -20,6 +20,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from grpo_fast.optional import MissingPackage
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -69,6 +71,17 @@ def _in(frame, directory: Path) -> bool:
 
 _TESTS = Path(__file__).resolve().parent
 _TORCH = Path(torch.__file__).resolve().parent
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test (or its fixture) stopped by grpo_fast's MissingPackage, an optional package that does not import
+    here (datasets for the toy task's data, ...), is skipped naming the package, not failed."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(MissingPackage):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {call.excinfo.value}")
 
 
 def pytest_collection_modifyitems(items):

@@ -30,6 +30,10 @@ from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="the two processes are forked"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("datasets") is None,
+        reason="needs the datasets package (every run here trains on grpo_fast.r1.toy's datasets)",
+    ),
     pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
 ]
 
@@ -170,7 +174,8 @@ def two_processes(tmp_path_factory) -> Path:
     sets, so ``grpo-fast train`` initialises the gloo group exactly as under torchrun (the README's
     ``torchrun --nproc_per_node 2 -m grpo_fast train`` commands were run by hand)."""
     out = tmp_path_factory.mktemp("two_processes")
-    _cli_config(out, report_to="tensorboard", log_completions_steps=2)
+    tracked = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"  # an optional package
+    _cli_config(out, report_to=tracked, log_completions_steps=2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -197,6 +202,7 @@ def test_cli_train_in_torchrun_environment_writes_once(two_processes):
 
 
 def test_cli_train_in_torchrun_environment_tracks_on_rank_0_only(two_processes):
+    pytest.importorskip("tensorboard", reason="needs tensorboard: pip install tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events_file,) = (two_processes / "cli" / "runs").glob("events.out.tfevents.*")  # one writer: rank 0's

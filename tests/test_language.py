@@ -4,8 +4,10 @@ import math
 
 import pytest
 
-from grpo_fast.r1 import world as r1_toy
-from grpo_fast.r1.language import (
+pytest.importorskip("datasets", reason="needs the datasets package (the R1 recipe's data): pip install datasets")
+
+from grpo_fast.r1 import world as r1_toy  # noqa: E402
+from grpo_fast.r1.language import (  # noqa: E402
     char_script,
     language_consistency,
     language_consistency_reward,
@@ -14,7 +16,7 @@ from grpo_fast.r1.language import (
     script_words,
     target_scripts,
 )
-from grpo_fast.trainer.rewards import score_completions
+from grpo_fast.trainer.rewards import score_completions  # noqa: E402
 
 
 def test_char_script_reads_unicode_names():

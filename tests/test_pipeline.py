@@ -9,16 +9,18 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from grpo_fast.cli import main
-from grpo_fast.r1 import toy
-from grpo_fast.r1 import world as r1_toy
-from grpo_fast.r1.language import language_consistency, reasoning_text
-from grpo_fast.r1.pipeline import DEFAULT_STAGES, GRPOStage, SFTStage, compare, effect_table, load_config, stage_table
-from grpo_fast.trainer import configio
-from grpo_fast.trainer.modeling import backbone_and_head, load_model
-from grpo_fast.trainer.rewards import accuracy_reward, format_reward
-from grpo_fast.trainer.rollout import encode_prompts
-from grpo_fast.trainer.sft import SFTConfig, encode_completions, sft_loss, sft_train
+pytest.importorskip("datasets", reason="needs the datasets package (the R1 recipe's data): pip install datasets")
+
+from grpo_fast.cli import main  # noqa: E402
+from grpo_fast.r1 import toy  # noqa: E402
+from grpo_fast.r1 import world as r1_toy  # noqa: E402
+from grpo_fast.r1.language import language_consistency, reasoning_text  # noqa: E402
+from grpo_fast.r1.pipeline import DEFAULT_STAGES, GRPOStage, SFTStage, compare, effect_table, load_config, stage_table  # noqa: E402
+from grpo_fast.trainer import configio  # noqa: E402
+from grpo_fast.trainer.modeling import backbone_and_head, load_model  # noqa: E402
+from grpo_fast.trainer.rewards import accuracy_reward, format_reward  # noqa: E402
+from grpo_fast.trainer.rollout import encode_prompts  # noqa: E402
+from grpo_fast.trainer.sft import SFTConfig, encode_completions, sft_loss, sft_train  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the toy world

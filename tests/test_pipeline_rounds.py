@@ -7,12 +7,14 @@ import json
 import pytest
 import yaml
 
-from grpo_fast.cli import main
-from grpo_fast.r1.config import DEFAULT_STAGES, SFTStage, default_stages, expand_rounds
-from grpo_fast.r1.pipeline import load_config
-from grpo_fast.r1.rejection import read_sft_set
-from grpo_fast.r1.report import effect_table, round_table, verdict
-from grpo_fast.trainer import configio
+pytest.importorskip("datasets", reason="needs the datasets package (the R1 recipe's data): pip install datasets")
+
+from grpo_fast.cli import main  # noqa: E402
+from grpo_fast.r1.config import DEFAULT_STAGES, SFTStage, default_stages, expand_rounds  # noqa: E402
+from grpo_fast.r1.pipeline import load_config  # noqa: E402
+from grpo_fast.r1.rejection import read_sft_set  # noqa: E402
+from grpo_fast.r1.report import effect_table, round_table, verdict  # noqa: E402
+from grpo_fast.trainer import configio  # noqa: E402
 
 TINY = {
     "seed": 0,

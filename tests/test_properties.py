@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from tolerances import assert_close
 
-import grpo_fast
-from grpo_fast import LossConfig
-from grpo_fast import reference as R
+pytest.importorskip("hypothesis", reason="needs hypothesis (a dev extra): pip install hypothesis")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import grpo_fast  # noqa: E402
+from grpo_fast import LossConfig  # noqa: E402
+from grpo_fast import reference as R  # noqa: E402
 
 F32, BF16 = torch.float32, torch.bfloat16
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")

@@ -3,11 +3,13 @@ rejection-sampled SFT set (sampling.filter_non_reasoning, mix_sets)."""
 
 import pytest
 
-from grpo_fast.r1 import simple as r1_simple
-from grpo_fast.r1 import world as r1_toy
-from grpo_fast.r1.language import reasoning_text
-from grpo_fast.r1.rejection import NON_REASONING_FILTERS, filter_non_reasoning, mix_sets, mix_sizes
-from grpo_fast.trainer.rewards import accuracy_reward, format_reward
+pytest.importorskip("datasets", reason="needs the datasets package (the R1 recipe's data): pip install datasets")
+
+from grpo_fast.r1 import simple as r1_simple  # noqa: E402
+from grpo_fast.r1 import world as r1_toy  # noqa: E402
+from grpo_fast.r1.language import reasoning_text  # noqa: E402
+from grpo_fast.r1.rejection import NON_REASONING_FILTERS, filter_non_reasoning, mix_sets, mix_sizes  # noqa: E402
+from grpo_fast.trainer.rewards import accuracy_reward, format_reward  # noqa: E402
 
 
 def test_simple_queries_answers_and_splits():

@@ -17,14 +17,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_fast.cli import RunArguments, _datasets, load_train_config, main
-from grpo_fast.trainer.configio import ConfigError
-from grpo_fast.trainer.data import load_named_dataset, prepare_prompts
-from grpo_fast.trainer.evaluation import prompt_text
-from grpo_fast.trainer.rewards import answer_matcher
+pytest.importorskip("datasets", reason="needs the datasets package (data files, saved and Hub datasets)")
+
+from datasets import Dataset, DatasetDict  # noqa: E402
+
+from grpo_fast.cli import RunArguments, _datasets, load_train_config, main  # noqa: E402
+from grpo_fast.trainer.configio import ConfigError  # noqa: E402
+from grpo_fast.trainer.data import load_named_dataset, prepare_prompts  # noqa: E402
+from grpo_fast.trainer.evaluation import prompt_text  # noqa: E402
+from grpo_fast.trainer.rewards import answer_matcher  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None

@@ -4,11 +4,14 @@ import json
 
 import pytest
 import torch
-from datasets import load_dataset
 
-from grpo_fast.r1 import world as r1_toy
-from grpo_fast.r1.language import language_consistency_reward
-from grpo_fast.r1.rejection import (
+pytest.importorskip("datasets", reason="needs the datasets package (the R1 recipe's data): pip install datasets")
+
+from datasets import load_dataset  # noqa: E402
+
+from grpo_fast.r1 import world as r1_toy  # noqa: E402
+from grpo_fast.r1.language import language_consistency_reward  # noqa: E402
+from grpo_fast.r1.rejection import (  # noqa: E402
     FILTERS,
     RejectionSamplingConfig,
     Sample,
@@ -19,7 +22,7 @@ from grpo_fast.r1.rejection import (
     sample_completions,
     write_sft_set,
 )
-from grpo_fast.trainer.rewards import accuracy_reward, format_reward
+from grpo_fast.trainer.rewards import accuracy_reward, format_reward  # noqa: E402
 
 GOOD = "<think>ones 1+2=3</think><answer>3</answer>"
 

@@ -22,11 +22,15 @@ from collections import defaultdict
 import pytest
 import torch
 from tolerances import assert_close
-from trl import GRPOTrainer
-from trl.trainer.utils import selective_log_softmax_and_entropy
 
-import grpo_fast
-from grpo_fast import LossConfig
+pytest.importorskip("trl", reason="needs trl: pip install 'grpo-fast[trl]'")
+pytest.importorskip("trl.trainer.grpo_trainer", exc_type=ImportError)  # TRL's trainer imports accelerate, datasets
+
+from trl import GRPOTrainer  # noqa: E402
+from trl.trainer.utils import selective_log_softmax_and_entropy  # noqa: E402
+
+import grpo_fast  # noqa: E402
+from grpo_fast import LossConfig  # noqa: E402
 
 F32 = torch.float32
 B, T, V = 4, 6, 33

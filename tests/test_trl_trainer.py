@@ -24,10 +24,14 @@ import pytest
 import torch
 from tolerances import assert_close
 from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
 
-from grpo_fast.integrations.trl import FusedGRPOTrainer
-from grpo_fast.r1 import toy
+pytest.importorskip("trl", reason="needs trl: pip install 'grpo-fast[trl]'")
+pytest.importorskip("trl.trainer.grpo_trainer", exc_type=ImportError)  # TRL's trainer imports accelerate, datasets
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from grpo_fast.integrations.trl import FusedGRPOTrainer  # noqa: E402
+from grpo_fast.r1 import toy  # noqa: E402
 
 F32 = torch.float32
 B, P, T = 4, 5, 6  # sequences (one group), prompt length, completion length
@@ -337,7 +341,7 @@ def test_other_backends_match_trl(tiny, tmp_path, backend, loss_type):
 
 
 def test_lora_matches_trl(tiny, tmp_path):
-    from peft import LoraConfig
+    LoraConfig = pytest.importorskip("peft", reason="needs peft: pip install 'grpo-fast[peft]'").LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     (_, grads, _), _ = _parity(tiny, tmp_path, "grpo-lora", dict(KL), {}, peft_config=lora)

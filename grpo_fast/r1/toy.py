@@ -17,11 +17,16 @@ prompts, and the test, dev and training prompts are pairwise disjoint.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from ..optional import require
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -84,30 +89,36 @@ def scratchpad(a: int, b: int) -> str:
     return f"<think>{','.join(steps)}</think><answer>{a + b}</answer>"
 
 
+def addition_rows(pairs: list[tuple[int, int]]) -> list[dict]:
+    """One dict per pair: prompt ("a+b="), answer (the sum as text), completion (the scratchpad target, for SFT)."""
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b), "completion": scratchpad(a, b)} for a, b in pairs]
+
+
 def addition_dataset(pairs: list[tuple[int, int]]) -> Dataset:
-    """Columns: prompt ("a+b="), answer (the sum as text), completion (the scratchpad target, for SFT)."""
-    return Dataset.from_dict(
-        {
-            "prompt": [f"{a}+{b}=" for a, b in pairs],
-            "answer": [str(a + b) for a, b in pairs],
-            "completion": [scratchpad(a, b) for a, b in pairs],
-        }
-    )
+    """``addition_rows`` as a ``datasets.Dataset`` (columns prompt, answer, completion)."""
+    Dataset = require("datasets", "the addition task's datasets (grpo_fast.r1.toy.addition_dataset)").Dataset
+    return Dataset.from_list(addition_rows(pairs))
 
 
 def make_splits(num_train: int = 20_000, num_dev: int = 128, num_test: int = 256, seed: int = 0) -> dict:
-    """Disjoint train / dev / test splits of the addition task.
-
-    test and dev are fixed by ``SPLIT_SEED`` whatever ``seed`` is (every run is scored on the same
-    prompts); ``seed`` only picks which of the remaining pairs form the training set.
+    """Disjoint train / dev / test splits of the addition task (``split_pairs``) as Datasets.
 
     Returns:
         {"train": Dataset, "dev": Dataset, "test": Dataset}
     """
+    return {name: addition_dataset(pairs) for name, pairs in split_pairs(num_train, num_dev, num_test, seed).items()}
+
+
+def split_pairs(num_train: int = 20_000, num_dev: int = 128, num_test: int = 256, seed: int = 0) -> dict:
+    """Disjoint train / dev / test lists of (a, b) pairs.
+
+    test and dev are fixed by ``SPLIT_SEED`` whatever ``seed`` is (every run is scored on the same
+    prompts); ``seed`` only picks which of the remaining pairs form the training set.
+    """
     held_out = _distinct_pairs(random.Random(SPLIT_SEED), num_dev + num_test, exclude=set())
     test, dev = held_out[:num_test], held_out[num_test:]
     train = _distinct_pairs(random.Random(seed), num_train, exclude=set(held_out))
-    return {"train": addition_dataset(train), "dev": addition_dataset(dev), "test": addition_dataset(test)}
+    return {"train": train, "dev": dev, "test": test}
 
 
 def _distinct_pairs(rng: random.Random, n: int, exclude: set) -> list[tuple[int, int]]:

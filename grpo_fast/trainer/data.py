@@ -8,6 +8,7 @@ import logging
 import re
 from pathlib import Path
 
+from ..optional import require
 from .configio import ConfigError, expand_path
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,7 @@ def load_data_file(path: str, columns: tuple[str, ...] = ()):
         FileNotFoundError or ConfigError, one line naming the file: it is missing, empty, not readable as
         its format, or lacks one of ``columns``.
     """
-    from datasets import load_dataset
-
+    load_dataset = require("datasets", f"reading the data file {path}").load_dataset
     path = expand_path(path, "dataset file")
     suffix = Path(path).suffix.lower()
     if suffix not in DATA_FORMATS:
@@ -75,8 +75,7 @@ def load_named_dataset(name: str, config: str | None = None, train_split: str = 
 
 
 def _load_from_disk(path: Path):
-    from datasets import load_from_disk
-
+    load_from_disk = require("datasets", f"reading the saved dataset {path}").load_from_disk
     if not any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         raise ConfigError(f"dataset_name {path} is a directory but not a dataset saved with save_to_disk (it has no "
                           "dataset_dict.json or state.json); give the saved directory or a data file")  # fmt: skip
@@ -84,8 +83,7 @@ def _load_from_disk(path: Path):
 
 
 def _load_from_hub(name: str, config: str | None):
-    from datasets import load_dataset
-
+    load_dataset = require("datasets", f"loading the Hub dataset {name}").load_dataset
     try:
         return load_dataset(name, config)
     except Exception as error:  # network, unknown name or config, a broken cache: datasets raises many kinds

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
 from torch import nn
 
 from .evaluation import prompt_text
 from .rewards import RewardFunction, check_reward_columns, get_reward_function
+from .rows import Rows
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -97,7 +101,7 @@ def as_dataset(data, name: str) -> Dataset:
                 raise TypeError(f"{name} row {i} must be a dict of columns, got {type(row).__name__}")
             if "prompt" in row:
                 _check_prompt(row["prompt"], f"{name} row {i}")
-    dataset = Dataset.from_list(list(data)) if isinstance(data, (list, tuple)) else data
+    dataset = _from_list(list(data)) if isinstance(data, (list, tuple)) else data
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} needs a 'prompt' column, got columns {dataset.column_names}")
     check_reward_columns(dataset.column_names, name)
@@ -106,6 +110,15 @@ def as_dataset(data, name: str) -> Dataset:
     for i, prompt in enumerate(dataset["prompt"]):
         _check_prompt(prompt, f"{name} row {i}")
     return dataset
+
+
+def _from_list(rows: list[dict]):
+    """``datasets.Dataset.from_list`` where datasets imports, else the same columns in memory."""
+    try:
+        from datasets import Dataset
+    except ImportError:
+        return Rows(rows)
+    return Dataset.from_list(rows)
 
 
 def _check_prompt(prompt, where: str) -> None:
