@@ -156,8 +156,13 @@ def _fsync_dir(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
+    fsync_dir(path)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entry list (a rename) to disk; a no-op where directories cannot be opened."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:

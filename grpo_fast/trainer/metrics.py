@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import writes
-from .checkpoint import process_alive
+from .checkpoint import fsync_dir, process_alive
 
 
 class MetricsLog:
@@ -77,18 +77,6 @@ def _remove_dead_temporaries(path: Path) -> None:
     for leftover in path.parent.glob(f".{path.name}.tmp-*") if path.parent.is_dir() else ():
         if (m := pattern.match(leftover.name)) and not process_alive(int(m.group(1))):
             leftover.unlink(missing_ok=True)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Flush a directory's entry list (a rename) to disk; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_records(path: Path, torn: str = "skipped", text: str | None = None) -> list[tuple[str, dict]]:
